@@ -1,0 +1,96 @@
+"""The per-step metrics record both trainers write (``metrics.jsonl``).
+
+One JSON object per optimizer step. ``loss`` is the token mean over the global batch
+with the parameters before that step's update; ``grad_norm`` the global L2 norm of the
+gradient before clipping; ``lr`` the rate that step's update used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+REQUIRED_FIELDS = (
+    "step",
+    "loss",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+    "mfu",
+    "batch_fingerprint",
+    "wall_time",
+)
+
+
+class MetricsWriter:
+    """Appends records to ``metrics.jsonl``; each line is flushed and fsynced.
+
+    On resume, records of steps >= ``start_step`` are dropped first, so a run that
+    crashed after writing a step it had not checkpointed does not repeat that step.
+    """
+
+    def __init__(self, path: str | os.PathLike, start_step: int = 0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [r for r in read_metrics(self.path, strict=False) if r["step"] < start_step]
+            from lmspec.io import atomic_write_text
+
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        missing = [k for k in REQUIRED_FIELDS if k not in record]
+        if missing:
+            raise ValueError(f"metrics record lacks fields {missing}")
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        self._f.write(json.dumps(clean) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # "nan"/"inf": JSON has no such numbers
+    return v
+
+
+def read_metrics(path: str | os.PathLike, *, strict: bool = True) -> list[dict[str, Any]]:
+    """Read ``metrics.jsonl``. A torn last line (crash mid-write) is skipped unless
+    ``strict``; a record missing a contract field is always an error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    out = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if not strict and i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON record") from None
+        missing = [k for k in REQUIRED_FIELDS if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{i + 1}: record lacks fields {missing}")
+        for k in ("loss", "grad_norm"):
+            if isinstance(rec[k], str):
+                rec[k] = float(rec[k])
+        out.append(rec)
+    return out

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set-up (if needed) and the default test suite (tests marked slow or gpu are left out;
+# pass your own pytest arguments to change that, e.g. `bash scripts/test.sh -m slow`).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+. scripts/setup.sh
+args=("$@")
+if [ ${#args[@]} -eq 0 ]; then args=(-m "not slow and not gpu"); fi
+set +e
+python -m pytest "${args[@]}"
+rc=$?
+set -e
+if [ $rc -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit $rc
