@@ -1,0 +1,139 @@
+"""torchlm.model against Hugging Face's LlamaForCausalLM (independent reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmspec.config import load_config
+from lmspec.weights import init_weights, param_shapes
+from torchlm import api
+from torchlm.model import Llama
+from torchlm.weights import load_safetensors, save_safetensors, to_numpy
+
+LOGIT_ATOL = 1e-5  # issue 4: max |logit diff| vs transformers, fp32
+BATCH, SEQ = 4, 128
+SMALL = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=128"]
+
+
+def small_cfg(*overrides: str):
+    return load_config("configs/tiny.yaml", [*SMALL, *overrides])
+
+
+def random_weights(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """lmspec init, with norm gains moved off 1 so a norm-weight bug would show, and
+    matrices scaled up so logits are O(1) (differences are not hidden by tiny logits)."""
+    rng = np.random.default_rng(seed + 100)
+    w = init_weights(cfg.model, seed)
+    for k, v in w.items():
+        if v.ndim == 1:
+            w[k] = (1.0 + 0.2 * rng.standard_normal(v.shape)).astype(np.float32)
+        else:
+            w[k] = (v * 3.0).astype(np.float32)
+    return w
+
+
+def tokens(cfg, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(
+        0, cfg.model.vocab_size, (BATCH, SEQ), dtype=np.int32
+    )
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("kv_heads", [1, 4, 8])
+def test_logits_match_transformers(tie: bool, kv_heads: int) -> None:
+    cfg = small_cfg(f"model.tie_word_embeddings={tie}", f"model.num_key_value_heads={kv_heads}")
+    w = random_weights(cfg)
+    tok = tokens(cfg)
+    ours = api.logits(cfg, w, tok, "fp32")
+    ref = api.hf_logits(cfg, w, tok)
+    assert ours.shape == (BATCH, SEQ, cfg.model.vocab_size)
+    assert ours.dtype == np.float32
+    assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero numbers
+    assert np.abs(ours - ref).max() <= LOGIT_ATOL
+
+
+def test_reference_detects_a_rope_change() -> None:
+    """The HF comparison can fail: a different rope_theta moves logits far beyond 1e-5."""
+    cfg = small_cfg()
+    other = small_cfg("model.rope_theta=500.0")
+    w = random_weights(cfg)
+    tok = tokens(cfg)
+    assert np.abs(api.logits(other, w, tok, "fp32") - api.hf_logits(cfg, w, tok)).max() > 1e-3
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_state_dict_names_are_hf(tie: bool) -> None:
+    cfg = small_cfg(f"model.tie_word_embeddings={tie}")
+    model = Llama(cfg.model)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == param_shapes(cfg.model)
+    assert ("lm_head.weight" in got) is (not tie)
+
+
+def test_loss_is_fp32_token_mean_cross_entropy() -> None:
+    cfg = small_cfg()
+    w = random_weights(cfg)
+    win = np.random.default_rng(1).integers(0, cfg.model.vocab_size, (3, 17), dtype=np.int32)
+    model = api.build_model(cfg.model, w)
+    loss = model.loss(torch.from_numpy(win))
+    logits = api.hf_logits(cfg, w, win[:, :-1]).astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    ref = -np.take_along_axis(logp, win[:, 1:, None].astype(np.int64), -1).mean()
+    assert loss.dtype == torch.float32
+    assert abs(float(loss.detach()) - ref) <= 1e-5 * abs(ref)
+
+
+def test_grad_accumulation_equals_full_batch_gradient() -> None:
+    cfg = small_cfg()
+    w = random_weights(cfg)
+    win = np.random.default_rng(2).integers(0, cfg.model.vocab_size, (4, 33), dtype=np.int32)
+    l1, g1 = api.loss_and_grads(cfg, w, win, "fp32")
+    l2, g2 = api.loss_and_grads(cfg, w, win, "fp32", num_micro=2)
+    assert abs(l1 - l2) <= 1e-6 * abs(l1)
+    assert set(g1) == set(param_shapes(cfg.model))
+    for k in g1:
+        assert g1[k].dtype == np.float32
+        np.testing.assert_allclose(g2[k], g1[k], rtol=1e-4, atol=1e-7, err_msg=k)
+
+
+def test_bf16_casts_every_weight_and_stays_close() -> None:
+    cfg = small_cfg()
+    w = random_weights(cfg)
+    model = api.build_model(cfg.model, w, "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    tok = tokens(cfg)
+    lo16 = api.logits(cfg, w, tok, "bf16")
+    lo32 = api.logits(cfg, w, tok, "fp32")
+    assert lo16.dtype == np.float32
+    err = np.abs(lo16 - lo32).max()
+    assert 0 < err < 0.1 * np.abs(lo32).max()
+    loss, grads = api.loss_and_grads(cfg, w, np.concatenate([tok, tok[:, :1]], 1), "bf16")
+    assert np.isfinite(loss) and all(g.dtype == np.float32 for g in grads.values())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_safetensors_roundtrip_strict(tmp_path, tie: bool) -> None:
+    cfg = small_cfg(f"model.tie_word_embeddings={tie}")
+    a = Llama(cfg.model)
+    path = save_safetensors(a, tmp_path / "w.safetensors")
+    b = Llama(cfg.model)
+    load_safetensors(b, path)
+    wa, wb = to_numpy(a), to_numpy(b)
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    other = Llama(small_cfg(f"model.tie_word_embeddings={not tie}").model)
+    with pytest.raises(ValueError, match="lm_head"):
+        load_safetensors(other, path)
+
+
+def test_bad_inputs_raise() -> None:
+    cfg = small_cfg()
+    w = init_weights(cfg.model, 0)
+    with pytest.raises(ValueError, match="precision"):
+        api.logits(cfg, w, tokens(cfg), "fp16")
+    with pytest.raises(ValueError, match="tokens"):
+        api.logits(cfg, w, np.zeros((2, 3), np.float32), "fp32")
+    with pytest.raises(ValueError, match="num_micro"):
+        api.loss_and_grads(cfg, w, np.zeros((3, 5), np.int32), "fp32", num_micro=2)
