@@ -1,0 +1,376 @@
+"""Parity reports: ``report.json``, ``report.md`` and a self-contained ``report.html``.
+
+The input is the result dict built by :mod:`parity.run` (schema below); every writer
+is a pure function of it, so the reports can be regenerated from ``report.json``.
+
+Result schema (keys the writers read; all optional except ``checks``)::
+
+    config:      the resolved ExperimentConfig as a dict
+    versions:    {library: version}
+    hardware:    {field: value}
+    setup:       {field: text}          # e.g. how many JAX devices, world size, steps
+    forward:     {pair: {max_abs, max_rel, mean_kl}}
+    series:      {label: {side, precision, zero_stage, step: [...], loss: [...],
+                          grad_norm: [...], lr: [...], batch_fingerprint: [...]}}
+    pairs:       [{name, precision, test, ref, loss_abs_diff: [...],
+                   floor_name, floor_abs_diff: [...], grad: {param: {rel_err, cosine}},
+                   update: {param: {rel_err, cosine}}}]
+    throughput:  {label: {tokens_per_s, tokens_per_s_total, step_time_s, mfu,
+                          peak_memory_bytes, compile_s | startup_s, num_devices, device_kind}}
+    checks:      [{name, value, limit, op, passed, key, detail}]
+    info:        [{name, value, note}]   # reported figures that have no limit
+    errors:      [text]                  # phases that failed; any error fails the run
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lmspec.io import atomic_write_json, atomic_write_text
+
+
+def all_passed(result: Mapping[str, Any]) -> bool:
+    """True only if there is at least one check, every check passed and no phase failed."""
+    checks = result.get("checks") or []
+    return bool(checks) and all(c["passed"] for c in checks) and not result.get("errors")
+
+
+def exit_code(result: Mapping[str, Any]) -> int:
+    """0 when :func:`all_passed`, else 1."""
+    return 0 if all_passed(result) else 1
+
+
+def failing_checks(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in result.get("checks") or [] if not c["passed"]]
+
+
+def fmt(v: Any) -> str:
+    """Compact number formatting for tables."""
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    v = float(v)
+    if math.isnan(v) or math.isinf(v):
+        return str(v)
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e4 or abs(v) < 1e-3:
+        return f"{v:.3e}"
+    return f"{v:.4g}"
+
+
+def _mib(b: Any) -> str:
+    return "-" if b is None else f"{float(b) / 2**20:.1f} MiB"
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and hasattr(obj, "dtype"):
+        return _json_safe(obj.item())
+    return obj
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def checks_table_md(checks: list[Mapping[str, Any]]) -> str:
+    lines = ["| check | value | limit | result |", "|---|---|---|---|"]
+    for c in checks:
+        lines.append(
+            f"| {c['name']} | {fmt(c['value'])} | {c.get('op', '<=')} {fmt(c['limit'])} | "
+            f"{'pass' if c['passed'] else '**FAIL**'} |"
+        )
+    return "\n".join(lines)
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    """The summary a reader pastes into an issue."""
+    checks = result.get("checks") or []
+    ok = all_passed(result)
+    name = (result.get("config") or {}).get("name", "?")
+    n_fail = len(failing_checks(result))
+    out = [
+        f"## Parity report: `{name}` - {'PASS' if ok else 'FAIL'}",
+        "",
+        f"{len(checks)} checks, {n_fail} failed"
+        + (f", {len(result['errors'])} phase error(s)" if result.get("errors") else "") + ".",
+        "",
+        checks_table_md(checks),
+    ]
+    if result.get("errors"):
+        out += ["", "### Errors", ""] + [f"- {e}" for e in result["errors"]]
+    info = result.get("info") or []
+    if info:
+        out += ["", "### Reported figures (no limit)", "", "| figure | value | note |",
+                "|---|---|---|"]
+        out += [f"| {i['name']} | {fmt(i['value'])} | {i.get('note', '')} |" for i in info]
+    tp = result.get("throughput") or {}
+    if tp:
+        out += ["", "### Throughput (warm-up steps excluded)", "", _throughput_md(tp)]
+    setup = result.get("setup") or {}
+    if setup:
+        out += ["", "### Set-up", ""] + [f"- {k}: {v}" for k, v in setup.items()]
+    versions = result.get("versions") or {}
+    if versions:
+        out += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))]
+    hw = result.get("hardware") or {}
+    if hw:
+        out += ["", "Hardware: " + ", ".join(f"{k}: {v}" for k, v in hw.items())]
+    return "\n".join(out) + "\n"
+
+
+def _throughput_md(tp: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = ["| run | devices | tokens/s per device | tokens/s total | step time | MFU | "
+             "peak memory per process | compile / start-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, t in tp.items():
+        start = t.get("compile_s", t.get("startup_s"))
+        kind = "compile" if "compile_s" in t else "start-up"
+        lines.append(
+            f"| {label} | {t.get('num_devices', '-')} x {t.get('device_kind', '-')} | "
+            f"{fmt(t.get('tokens_per_s'))} | {fmt(t.get('tokens_per_s_total'))} | "
+            f"{fmt(t.get('step_time_s'))} s | {fmt(t.get('mfu'))} | "
+            f"{_mib(t.get('peak_memory_bytes'))} | "
+            f"{'-' if start is None else f'{kind} {fmt(start)} s'} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _positive(xs: list[float]) -> list[float]:
+    # log axes cannot show 0: an exact match is drawn at the smallest positive float32
+    return [max(float(x), 1e-12) if math.isfinite(float(x)) else float("nan") for x in xs]
+
+
+def make_plots(result: Mapping[str, Any]) -> dict[str, str]:
+    """Base64 PNGs: loss curves, |loss diff| vs floor, per-parameter gradient error,
+    throughput and memory. Uses matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plots: dict[str, str] = {}
+    series = result.get("series") or {}
+    pairs = result.get("pairs") or []
+
+    if series:
+        precisions = sorted({s.get("precision", "?") for s in series.values()})
+        fig, axes = plt.subplots(1, len(precisions), figsize=(6 * len(precisions), 4),
+                                 squeeze=False)
+        for ax, prec in zip(axes[0], precisions, strict=True):
+            for label, s in series.items():
+                if s.get("precision") != prec:
+                    continue
+                style = "-" if s.get("side") == "jax" else "--"
+                ax.plot(s["step"], s["loss"], style, label=label, linewidth=1.2)
+            ax.set_title(f"training loss ({prec})")
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss")
+            ax.legend(fontsize=7)
+        plots["loss_curves"] = _png(fig)
+
+    if pairs:
+        fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 3.8), squeeze=False)
+        for ax, p in zip(axes[0], pairs, strict=True):
+            d = p.get("loss_abs_diff") or []
+            ax.semilogy(range(len(d)), _positive(d), "o-", ms=3, label="|jax - deepspeed|")
+            f = p.get("floor_abs_diff") or []
+            if f:
+                ax.semilogy(range(len(f)), _positive(f), "s--", ms=3, alpha=0.7,
+                            label=f"noise floor: {p.get('floor_name', '')}")
+            ax.set_title(p["name"], fontsize=9)
+            ax.set_xlabel("step")
+            ax.set_ylabel("|loss difference|")
+            ax.legend(fontsize=7)
+        plots["loss_diff"] = _png(fig)
+
+    grad_pairs = [p for p in pairs if p.get("grad")]
+    if grad_pairs:
+        fig, axes = plt.subplots(len(grad_pairs), 1, figsize=(11, 3.2 * len(grad_pairs)),
+                                 squeeze=False)
+        for ax, p in zip(axes[:, 0], grad_pairs, strict=True):
+            names = list(p["grad"])
+            if p.get("precision") == "bf16":
+                vals = [1.0 - p["grad"][n]["cosine"] for n in names]
+                ylabel = "1 - cosine"
+                lim = 1.0 - _check_limit(result, "bf16.grad_cosine", 0.99)
+            else:
+                vals = [p["grad"][n]["rel_err"] for n in names]
+                ylabel = "relative L2 error"
+                lim = _check_limit(result, "fp32.grad_rel_err", None)
+            ax.semilogy(range(len(names)), _positive(vals), "o", ms=3)
+            if lim is not None:
+                ax.axhline(lim, color="r", linestyle=":", label="limit")
+                ax.legend(fontsize=7)
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=6)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"step-0 gradient per parameter: {p['name']}", fontsize=9)
+        plots["grad_error"] = _png(fig)
+
+    tp = result.get("throughput") or {}
+    if tp:
+        labels = list(tp)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(labels) + 2.5))
+        colors = ["tab:blue" if tp[k].get("side") == "jax" else "tab:orange" for k in labels]
+        a1.barh(labels, [float(tp[k].get("tokens_per_s") or 0) for k in labels], color=colors)
+        a1.set_xlabel("tokens/s per device")
+        a2.barh(labels, [float(tp[k].get("peak_memory_bytes") or 0) / 2**20 for k in labels],
+                color=colors)
+        a2.set_xlabel("peak memory per process (MiB)")
+        a2.set_yticklabels([])
+        plots["throughput"] = _png(fig)
+    return plots
+
+
+def _check_limit(result: Mapping[str, Any], key: str, default: float | None) -> float | None:
+    for c in result.get("checks") or []:
+        if c.get("key") == key:
+            return float(c["limit"])
+    return default
+
+
+def _short(name: str) -> str:
+    return name.replace("model.layers.", "L").replace(".weight", "").replace("self_attn.", "")
+
+
+# ----------------------------------------------------------------------------- html
+
+
+def _table_html(header: list[str], rows: list[list[str]], classes: list[str] | None = None
+                ) -> str:
+    h = "".join(f"<th>{html.escape(x)}</th>" for x in header)
+    body = []
+    for i, r in enumerate(rows):
+        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>")
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
+    """A single HTML file: summary, checks, figures without limits, throughput, plots
+    (inline base64 PNG), set-up, versions, hardware."""
+    if plots is None:
+        plots = make_plots(result)
+    ok = all_passed(result)
+    name = (result.get("config") or {}).get("name", "?")
+    checks = result.get("checks") or []
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>parity report: {html.escape(str(name))}</title><style>",
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
+        "tr.fail{background:#fdd}tr.pass{background:#efe}"
+        ".verdict{font-size:1.4em;font-weight:bold}"
+        ".PASS{color:#080}.FAIL{color:#c00}img{max-width:100%}",
+        "</style></head><body>",
+        f"<h1>Parity report: {html.escape(str(name))}</h1>",
+        f"<p class='verdict {'PASS' if ok else 'FAIL'}'>{'PASS' if ok else 'FAIL'}: "
+        f"{len(checks)} checks, {len(failing_checks(result))} failed</p>",
+    ]
+    if result.get("errors"):
+        parts.append("<h2>Errors</h2><ul>" + "".join(
+            f"<li><pre>{html.escape(str(e))}</pre></li>" for e in result["errors"]) + "</ul>")
+    parts.append("<h2>Checks</h2>")
+    parts.append(_table_html(
+        ["check", "value", "limit", "result", "detail"],
+        [[c["name"], fmt(c["value"]), f"{c.get('op', '<=')} {fmt(c['limit'])}",
+          "pass" if c["passed"] else "FAIL",
+          ", ".join(f"{k}={fmt(v) if not isinstance(v, list) else v}"
+                    for k, v in (c.get("detail") or {}).items())]
+         for c in checks],
+        ["pass" if c["passed"] else "fail" for c in checks],
+    ))
+    info = result.get("info") or []
+    if info:
+        parts.append("<h2>Reported figures (no limit)</h2>")
+        parts.append(_table_html(["figure", "value", "note"],
+                                 [[i["name"], fmt(i["value"]), str(i.get("note", ""))]
+                                  for i in info]))
+    titles = {
+        "loss_curves": "Loss curves (JAX solid, DeepSpeed dashed)",
+        "loss_diff": "|loss difference| per step against the noise floor (log scale)",
+        "grad_error": "Per-parameter step-0 gradient error",
+        "throughput": "Throughput and memory",
+    }
+    for key, title in titles.items():
+        if key in plots:
+            parts.append(f"<h2>{html.escape(title)}</h2>")
+            parts.append(f"<img alt='{key}' src='data:image/png;base64,{plots[key]}'>")
+    tp = result.get("throughput") or {}
+    if tp:
+        parts.append("<h2>Throughput (warm-up steps excluded)</h2>")
+        rows = []
+        for label, t in tp.items():
+            start = t.get("compile_s", t.get("startup_s"))
+            rows.append([label, f"{t.get('num_devices', '-')} x {t.get('device_kind', '-')}",
+                         fmt(t.get("tokens_per_s")), fmt(t.get("tokens_per_s_total")),
+                         fmt(t.get("step_time_s")), fmt(t.get("mfu")),
+                         _mib(t.get("peak_memory_bytes")),
+                         ("compile " if "compile_s" in t else "start-up ") + fmt(start)])
+        parts.append(_table_html(["run", "devices", "tokens/s per device", "tokens/s total",
+                                  "step time (s)", "MFU", "peak memory per process",
+                                  "compile / start-up (s)"], rows))
+    fwd = result.get("forward") or {}
+    if fwd:
+        parts.append("<h2>Forward (validation batch logits)</h2>")
+        parts.append(_table_html(["pair", "max abs diff", "max rel diff", "mean KL"],
+                                 [[k, fmt(v.get("max_abs")), fmt(v.get("max_rel")),
+                                   fmt(v.get("mean_kl"))] for k, v in fwd.items()]))
+    for title, key in (("Set-up", "setup"), ("Versions", "versions"), ("Hardware", "hardware")):
+        d = result.get(key) or {}
+        if d:
+            parts.append(f"<h2>{title}</h2>")
+            parts.append(_table_html(["", ""], [[str(k), str(v)] for k, v in d.items()]))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_reports(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write report.json, report.md and report.html (atomically) under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    safe = _json_safe(dict(result))
+    safe["passed"] = all_passed(result)
+    paths = {
+        "json": atomic_write_json(out / "report.json", safe),
+        "md": atomic_write_text(out / "report.md", render_markdown(result)),
+        "html": atomic_write_text(out / "report.html", render_html(result)),
+    }
+    return paths
+
+
+def load_report(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a report.json back (inf/nan values come back as strings)."""
+    return json.loads(Path(path).read_text())

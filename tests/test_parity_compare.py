@@ -1,0 +1,129 @@
+"""Comparison maths and limits of the parity harness, against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from parity import compare as C
+from parity.limits import BF16_EARLY_STEPS, BF16_STEPS, FP32_LOSS_STEPS, LIMITS, limit
+
+
+def test_limits_are_the_issue_values():
+    expected = {
+        "fp32.logits_max_abs": (1e-4, "<="),
+        "fp32.grad_rel_err": (1e-4, "<="),
+        "fp32.update_rel_err": (1e-4, "<="),
+        "fp32.loss_rel_diff": (1e-5, "<="),
+        "bf16.loss_rel_diff_step0": (1e-3, "<="),
+        "bf16.grad_cosine": (0.99, ">="),
+        "bf16.gap_over_floor": (1.0, "<="),
+        "bf16.gap_over_floor_early": (0.5, "<="),
+        "batch_fingerprint_mismatches": (0, "<="),
+    }
+    assert {k: (v.threshold, v.op) for k, v in LIMITS.items()} == expected
+    assert (FP32_LOSS_STEPS, BF16_STEPS, BF16_EARLY_STEPS) == (20, 50, 10)
+    with pytest.raises(ValueError, match="unknown limit"):
+        limit("nope")
+
+
+def test_limit_judgement_edges():
+    le, ge = limit("fp32.loss_rel_diff"), limit("bf16.grad_cosine")
+    assert le.passes(1e-5) and not le.passes(1.0000001e-5)
+    assert ge.passes(0.99) and not ge.passes(0.98999)
+    assert not le.passes(float("nan")) and not ge.passes(float("nan"))
+    assert not le.passes(math.inf)
+
+
+def test_rel_l2_error_and_cosine_closed_form():
+    ref = np.array([3.0, 4.0])
+    assert C.rel_l2_error(np.array([3.0, 4.5]), ref) == pytest.approx(0.5 / 5.0)
+    assert C.rel_l2_error(ref, ref) == 0.0
+    assert C.rel_l2_error(np.zeros(2), np.zeros(2)) == 0.0
+    assert C.rel_l2_error(np.ones(2), np.zeros(2)) == math.inf
+    assert C.cosine([1.0, 0.0], [1.0, 1.0]) == pytest.approx(1 / math.sqrt(2))
+    assert C.cosine([1.0, 2.0], [-1.0, -2.0]) == pytest.approx(-1.0)
+    assert C.cosine([0.0, 0.0], [0.0, 0.0]) == 1.0
+    assert C.cosine([0.0, 0.0], [1.0, 0.0]) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        C.rel_l2_error(np.ones(3), np.ones(2))
+
+
+def test_rel_l2_error_is_float64_even_for_float32_inputs():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(10_000).astype(np.float32)
+    test = ref + np.float32(1e-7) * ref
+    # float32 subtraction would lose most digits here; the answer is 1e-7 (to fp32 rounding)
+    assert C.rel_l2_error(test, ref) == pytest.approx(1e-7, rel=0.1)
+
+
+def test_max_abs_and_rel_diff():
+    ref = np.array([[1.0, -4.0], [2.0, 0.0]])
+    test = np.array([[1.5, -4.0], [2.0, 0.25]])
+    assert C.max_abs_diff(test, ref) == 0.5
+    assert C.max_rel_diff(test, ref) == pytest.approx(0.5 / 4.0)
+
+
+def test_mean_kl_closed_form():
+    ref = np.array([[[0.0, 0.0], [1.0, 2.0]]])  # (B=1, T=2, V=2)
+    test = np.array([[[math.log(3.0), 0.0], [11.0, 12.0]]])  # token 2: same dist., shifted
+    # token 1: p=(1/2,1/2), q=(3/4,1/4): KL = 0.5 ln(2/3) + 0.5 ln 2 = 0.5 ln(4/3); token 2: 0
+    assert C.mean_kl(ref, test) == pytest.approx(0.25 * math.log(4 / 3), rel=1e-12)
+    assert C.mean_kl(ref, ref) == 0.0
+    s = C.logits_stats(test, ref)
+    assert s["max_abs"] == pytest.approx(10.0) and s["mean_kl"] > 0
+
+
+def test_series_statistics():
+    assert C.rel_diff_series([1.0, 2.2], [1.0, 2.0]) == pytest.approx([0.0, 0.1])
+    assert C.rms_gap([1.0, 2.0, 3.0], [1.0, 2.0, 5.0]) == pytest.approx(math.sqrt(4 / 3))
+    assert C.rms_gap([0.0, 0.0], [3.0, -4.0]) == pytest.approx(math.sqrt(12.5))
+    assert C.gap_over_floor(0.5, 2.0) == 0.25
+    assert C.gap_over_floor(0.0, 0.0) == 0.0
+    assert C.gap_over_floor(1e-9, 0.0) == math.inf
+    with pytest.raises(ValueError, match="lengths differ"):
+        C.rms_gap([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="empty"):
+        C.rms_gap([], [])
+
+
+def test_fingerprint_mismatches_counts_missing_steps():
+    a = [{"step": s, "batch_fingerprint": f"f{s}"} for s in range(5)]
+    b = [dict(r) for r in a]
+    assert C.fingerprint_mismatches(a, b, 5) == []
+    b[2]["batch_fingerprint"] = "other"
+    del b[3]
+    assert C.fingerprint_mismatches(a, b, 5) == [2, 3]
+    assert C.fingerprint_mismatches(a, a, 6) == [5]  # a step past the end is missing
+
+
+def test_per_param_updates_and_global_norm():
+    before = {"w": np.array([1.0, 1.0]), "b": np.array([0.0])}
+    after_ref = {"w": np.array([0.9, 1.1]), "b": np.array([0.5])}
+    after_test = {"w": np.array([0.9, 1.1]), "b": np.array([0.55])}
+    u_ref, u_test = C.updates(after_ref, before), C.updates(after_test, before)
+    np.testing.assert_allclose(u_ref["w"], [-0.1, 0.1])
+    stats = C.per_param(u_test, u_ref)
+    assert stats["w"]["rel_err"] == pytest.approx(0.0, abs=1e-15)
+    assert stats["b"]["rel_err"] == pytest.approx(0.1)
+    assert C.worst(stats, "rel_err") == ("b", pytest.approx(0.1))
+    assert C.worst(stats, "cosine", largest=False)[1] == pytest.approx(1.0)
+    assert C.global_norm({"a": np.array([3.0]), "b": np.array([4.0])}) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="missing"):
+        C.per_param({"w": before["w"]}, before)
+
+
+def test_worst_prefers_nan():
+    stats = {"a": {"rel_err": 1.0}, "b": {"rel_err": float("nan")}}
+    name, value = C.worst(stats, "rel_err")
+    assert name == "b" and math.isnan(value)
+
+
+def test_make_check():
+    ok = C.make_check("fp32 zero1 loss", "fp32.loss_rel_diff", 5e-7, step=3)
+    bad = C.make_check("bf16 cos", "bf16.grad_cosine", 0.5)
+    assert ok.passed and ok.limit == 1e-5 and ok.op == "<=" and ok.detail == {"step": 3}
+    assert not bad.passed and bad.op == ">="
+    assert C.make_check("x", "fp32.grad_rel_err", math.inf).to_dict()["value"] == "inf"

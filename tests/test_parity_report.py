@@ -1,0 +1,115 @@
+"""Report writers on a synthetic result: JSON round trip, markdown table, HTML plots,
+and the pass/fail verdict that decides the exit code."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+
+import pytest
+
+from parity import compare as C
+from parity import report as R
+
+
+def synthetic_result(fail: bool = False) -> dict:
+    steps = list(range(6))
+    loss_j = [4.0 - 0.1 * s for s in steps]
+    loss_d = [x * (1 + 1e-7) for x in loss_j]
+    loss_d3 = [x * (1 + 2e-7) for x in loss_j]
+    checks = [
+        C.make_check("fp32 zero1: loss rel diff", "fp32.loss_rel_diff",
+                     max(C.rel_diff_series(loss_j, loss_d))),
+        C.make_check("fp32 zero1: grad rel err", "fp32.grad_rel_err", 3e-7, param="lm_head"),
+        C.make_check("bf16 zero1: grad cosine", "bf16.grad_cosine", 0.5 if fail else 0.9999),
+    ]
+    grad = {f"model.layers.0.mlp.p{i}.weight": {"rel_err": 10.0 ** -(7 - i % 3),
+                                                 "cosine": 1.0 - 1e-9}
+            for i in range(5)}
+    series = {
+        "jax fp32": {"side": "jax", "precision": "fp32", "zero_stage": None, "step": steps,
+                     "loss": loss_j, "grad_norm": [1.0] * 6, "lr": [1e-3] * 6,
+                     "batch_fingerprint": ["a"] * 6},
+        "ds zero1 fp32": {"side": "torch", "precision": "fp32", "zero_stage": 1,
+                          "step": steps, "loss": loss_d, "grad_norm": [1.0] * 6,
+                          "lr": [1e-3] * 6, "batch_fingerprint": ["a"] * 6},
+        "ds zero3 fp32": {"side": "torch", "precision": "fp32", "zero_stage": 3,
+                          "step": steps, "loss": loss_d3, "grad_norm": [1.0] * 6,
+                          "lr": [1e-3] * 6, "batch_fingerprint": ["a"] * 6},
+    }
+    return {
+        "config": {"name": "synthetic"},
+        "versions": {"numpy": "x"},
+        "hardware": {"cpu": "test"},
+        "setup": {"jax devices": "2 virtual CPU devices"},
+        "forward": {"jax vs torch": {"max_abs": 1e-6, "max_rel": 1e-7, "mean_kl": 1e-12}},
+        "series": series,
+        "pairs": [{"name": "fp32 zero1", "precision": "fp32", "test": "jax fp32",
+                   "ref": "ds zero1 fp32", "loss_abs_diff": C.abs_diff_series(loss_j, loss_d),
+                   "floor_name": "zero1 vs zero3",
+                   "floor_abs_diff": C.abs_diff_series(loss_d, loss_d3),
+                   "grad": grad, "update": grad}],
+        "throughput": {"jax fp32": {"side": "jax", "tokens_per_s": 1000.0,
+                                    "peak_memory_bytes": 2**20 * 300, "compile_s": 3.0,
+                                    "num_devices": 2, "device_kind": "cpu"},
+                       "ds zero1 fp32": {"side": "torch", "tokens_per_s": 800.0,
+                                         "peak_memory_bytes": 2**20 * 500, "startup_s": 9.0,
+                                         "num_devices": 2, "device_kind": "cpu"}},
+        "checks": [c.to_dict() for c in checks],
+        "info": [{"name": "fp32 noise floor", "value": 1e-7, "note": "zero1 vs zero3"},
+                 {"name": "nan figure", "value": math.nan, "note": ""}],
+    }
+
+
+def test_verdict_and_exit_code():
+    assert R.exit_code(synthetic_result()) == 0
+    bad = synthetic_result(fail=True)
+    assert R.exit_code(bad) == 1
+    assert [c["name"] for c in R.failing_checks(bad)] == ["bf16 zero1: grad cosine"]
+    assert R.exit_code({"checks": []}) == 1  # nothing checked is not a pass
+    err = synthetic_result()
+    err["errors"] = ["torch bf16 run failed"]
+    assert R.exit_code(err) == 1
+
+
+def test_write_reports_round_trip(tmp_path):
+    res = synthetic_result(fail=True)
+    paths = R.write_reports(res, tmp_path)
+    assert set(paths) == {"json", "md", "html"}
+    data = json.loads(paths["json"].read_text())  # strict JSON: no NaN/Infinity tokens
+    assert data["passed"] is False
+    assert data["info"][1]["value"] == "nan"
+    assert [c["name"] for c in data["checks"]] == [c["name"] for c in res["checks"]]
+    for c in data["checks"]:
+        assert set(c) >= {"name", "value", "limit", "passed"}
+    assert data["series"]["jax fp32"]["loss"] == res["series"]["jax fp32"]["loss"]
+    assert data["throughput"]["ds zero1 fp32"]["startup_s"] == 9.0
+
+
+def test_markdown_table(tmp_path):
+    md = R.render_markdown(synthetic_result(fail=True))
+    assert "FAIL" in md.splitlines()[0]
+    rows = [line for line in md.splitlines() if line.startswith("| bf16 zero1: grad cosine")]
+    assert rows == ["| bf16 zero1: grad cosine | 0.5 | >= 0.99 | **FAIL** |"]
+    assert "| fp32 zero1: grad rel err | 3.000e-07 | <= 1.000e-04 | pass |" in md
+    assert "PASS" in R.render_markdown(synthetic_result()).splitlines()[0]
+    assert "300.0 MiB" in md and "compile 3 s" in md
+
+
+def test_html_is_self_contained_with_four_plots(tmp_path):
+    res = synthetic_result()
+    plots = R.make_plots(res)
+    assert set(plots) == {"loss_curves", "loss_diff", "grad_error", "throughput"}
+    for b64 in plots.values():
+        assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
+    page = R.render_html(res, plots)
+    assert page.count("data:image/png;base64,") == 4
+    assert "src='http" not in page and "<script" not in page
+    assert "PASS" in page
+
+
+@pytest.mark.parametrize("v,text", [(None, "-"), (0, "0"), (1e-7, "1.000e-07"),
+                                    (0.12345, "0.1235"), (math.inf, "inf")])
+def test_fmt(v, text):
+    assert R.fmt(v) == text
