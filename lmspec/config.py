@@ -524,7 +524,10 @@ def _apply_override(data: dict, parts: list[str], value: str) -> None:
             continue
         names = {f.name: f for f in dataclasses.fields(cls)}
         if part not in names:
-            raise ConfigError(f"unknown key {dotted!r}; allowed keys here: {list(names)}")
+            full = ".".join(parts)
+            where = f"unknown key {dotted!r}" if dotted == full else (
+                f"unknown key {full!r} ({dotted!r} does not exist)")
+            raise ConfigError(f"override {full}=...: {where}; allowed keys here: {list(names)}")
         tp = _hints(cls)[part]
         last = i == len(parts) - 1
         if last:
