@@ -1,0 +1,105 @@
+"""In-process entry points for the parity harness: single device, HF-named numpy in/out.
+
+Both functions use the trainer's own code paths (:mod:`jaxlm.model`, :mod:`jaxlm.step`)
+so what they check is what trains. In ``fp32`` matmuls run at full fp32 precision
+(``jax.default_matmul_precision("float32")``; GPUs otherwise use TF32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.model import Llama, compute_dtype
+from jaxlm.step import accumulate_grads, make_loss_fn
+from jaxlm.weights import hf_to_params, params_to_hf
+from lmspec.config import ExperimentConfig
+
+
+def matmul_precision(precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Full fp32 matmuls for the fp32 policy; the default (bf16 inputs) otherwise."""
+    compute_dtype(precision)  # validates
+    if precision == "fp32":
+        return jax.default_matmul_precision("float32")
+    return contextlib.nullcontext()
+
+
+def _graphdef(cfg: ExperimentConfig, precision: str) -> nnx.GraphDef:
+    t = cfg.train
+    abstract = nnx.eval_shape(lambda: Llama(
+        cfg.model, rngs=nnx.Rngs(0), dtype=compute_dtype(precision),
+        scan_layers=t.scan_layers, remat=t.remat, attention=t.attention,
+    ))
+    graphdef, _ = nnx.split(abstract)
+    return graphdef
+
+
+def _device_params(cfg: ExperimentConfig, weights: dict[str, np.ndarray]) -> dict:
+    params = hf_to_params(weights, cfg.model, cfg.train.scan_layers, "weights")
+    dev = jax.devices()[0]
+    return jax.tree.map(lambda x: jax.device_put(x, dev), params)
+
+
+def _check_tokens(tokens: np.ndarray, cfg: ExperimentConfig, name: str, ndim: int = 2) -> None:
+    if tokens.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D int array, got shape {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{name}: expected integer token ids, got dtype {tokens.dtype}")
+    v = cfg.model.vocab_size
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= v):
+        raise ValueError(f"{name}: token ids must be in [0, {v}) (model.vocab_size)")
+
+
+def logits(cfg: ExperimentConfig, weights: dict[str, np.ndarray], tokens: np.ndarray,
+           precision: str) -> np.ndarray:
+    """fp32 logits (B, T, V) of HF-named fp32 ``weights`` on int tokens (B, T)."""
+    tokens = np.asarray(tokens)
+    _check_tokens(tokens, cfg, "tokens")
+    graphdef = _graphdef(cfg, precision)
+    dt = compute_dtype(precision)
+    params = _device_params(cfg, weights)
+
+    @jax.jit
+    def fwd(params: dict, tokens_bt: jax.Array) -> jax.Array:
+        cast = jax.tree.map(lambda p: p.astype(dt), params)
+        return nnx.merge(graphdef, cast)(tokens_bt)
+
+    with matmul_precision(precision):
+        out_btv = fwd(params, jnp.asarray(tokens, jnp.int32))
+    return np.asarray(out_btv, np.float32)
+
+
+def loss_and_grads(cfg: ExperimentConfig, weights: dict[str, np.ndarray],
+                   batch_windows: np.ndarray, precision: str, num_micro: int = 1
+                   ) -> tuple[float, dict[str, np.ndarray]]:
+    """Global token-mean loss of windows (B, T+1) and its fp32 gradients, HF-named.
+
+    ``num_micro`` splits the batch into that many micro-batches (rows in order) and
+    accumulates in fp32 exactly as the trainer does.
+    """
+    windows = np.asarray(batch_windows)
+    _check_tokens(windows, cfg, "batch_windows")
+    if windows.shape[1] < 2:
+        raise ValueError(f"batch_windows: need T+1 >= 2 columns, got {windows.shape}")
+    if num_micro < 1 or windows.shape[0] % num_micro:
+        raise ValueError(
+            f"num_micro={num_micro} must be >= 1 and divide the batch size {windows.shape[0]}"
+        )
+    graphdef = _graphdef(cfg, precision)
+    params = _device_params(cfg, weights)
+    loss_fn = make_loss_fn(graphdef, precision)
+    w_mbt1 = windows.reshape(num_micro, windows.shape[0] // num_micro, windows.shape[1])
+
+    @jax.jit
+    def run(params: dict, w_mbt1: jax.Array) -> tuple[jax.Array, dict]:
+        return accumulate_grads(loss_fn, params, w_mbt1)
+
+    with matmul_precision(precision):
+        loss, grads = run(params, jnp.asarray(w_mbt1, jnp.int32))
+    grads_np = jax.tree.map(lambda g: np.asarray(g, np.float32), grads)
+    return float(loss), params_to_hf(grads_np, cfg.model, cfg.train.scan_layers)
