@@ -33,7 +33,13 @@ import numpy as np
 
 from lmspec.config import DataConfig, ExperimentConfig
 from lmspec.io import atomic_write, atomic_write_json, file_lock
-from lmspec.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from lmspec.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    parse_bpe_size,
+)
 
 FORMAT_VERSION = 1
 TOKEN_FILE = "tokens.bin"
@@ -136,17 +142,24 @@ def _decode_file(data: bytes) -> bytes | None:
     return data
 
 
-def _read_files(files: list[Path], progress: bool) -> tuple[list[bytes], int]:
+def _read_files(files: list[Path], progress: bool, max_bytes: int = 0
+                ) -> tuple[list[bytes], int]:
+    """UTF-8 files as documents, and the number skipped; stops once ``max_bytes`` (> 0)
+    bytes are read, since later files would be cut away anyway."""
     from tqdm import tqdm
 
     docs: list[bytes] = []
     skipped = 0
+    total = 0
     for p in tqdm(files, desc="reading", unit="file", disable=not progress, file=sys.stderr):
         d = _decode_file(p.read_bytes())
         if d is None:
             skipped += 1
         elif d:
             docs.append(d)
+            total += len(d)
+            if 0 < max_bytes <= total:
+                break
     return docs, skipped
 
 
@@ -208,7 +221,7 @@ def read_corpus(data: DataConfig, progress: bool | None = None) -> Corpus:
     skipped = 0
     if kind == "stdlib":
         files = _stdlib_files(Path(loc))
-        docs, skipped = _read_files(files, progress is not False)
+        docs, skipped = _read_files(files, bool(progress), data.max_bytes)
     elif kind == "text":
         p = Path(loc)
         if not p.is_file():
@@ -221,12 +234,12 @@ def read_corpus(data: DataConfig, progress: bool | None = None) -> Corpus:
         root = Path(loc)
         files = sorted((p for p in root.rglob("*") if p.is_file()),
                        key=lambda p: p.relative_to(root).as_posix())
-        docs, skipped = _read_files(files, bool(progress))
+        docs, skipped = _read_files(files, bool(progress), data.max_bytes)
     elif kind == "glob":
         files = sorted(Path(p) for p in _glob.glob(loc, recursive=True) if Path(p).is_file())
         if not files:
             raise FileNotFoundError(f"data.source={src!r}: the pattern matches no files")
-        docs, skipped = _read_files(files, bool(progress))
+        docs, skipped = _read_files(files, bool(progress), data.max_bytes)
     elif kind == "jsonl":
         p = Path(loc)
         if not p.is_file():
@@ -312,18 +325,31 @@ def _encode(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype,
     return ids.astype(dtype)
 
 
-def build_token_cache(data: DataConfig, progress: bool | None = None
+def _check_vocab(tokenizer_spec: str, vocab_size: int, model_vocab_size: int | None) -> None:
+    if model_vocab_size is not None and vocab_size > model_vocab_size:
+        raise ValueError(
+            f"data.tokenizer={tokenizer_spec!r} has {vocab_size} tokens, more than "
+            f"model.vocab_size={model_vocab_size}"
+        )
+
+
+def build_token_cache(data: DataConfig, progress: bool | None = None,
+                      model_vocab_size: int | None = None
                       ) -> tuple[Path, dict[str, Any], Tokenizer]:
     """Tokenize a text source into the cache, or find the matching earlier build.
 
     Returns (cache folder, manifest, tokenizer). ``progress`` None shows a progress bar
-    for corpora over 4 MiB.
+    for corpora over 4 MiB. A tokenizer larger than ``model_vocab_size`` is an error
+    raised before anything is written.
     """
+    if data.tokenizer.startswith("bpe:"):  # known before training it
+        _check_vocab(data.tokenizer, parse_bpe_size(data.tokenizer), model_vocab_size)
     corpus = read_corpus(data, progress=False if progress is None else progress)
     show = progress if progress is not None else corpus.num_bytes > PROGRESS_BYTES
     cache_dir = Path(data.cache_dir)
     tokenizer = load_tokenizer(data.tokenizer, corpus=_LazyTexts(corpus),
                                corpus_hash=corpus.hash, cache_dir=cache_dir)
+    _check_vocab(tokenizer.spec, tokenizer.vocab_size, model_vocab_size)
     key = _cache_key(corpus.hash, tokenizer.hash, data.max_bytes)
     folder = cache_dir / "tokens" / key
     expect = {
@@ -516,12 +542,11 @@ class Dataset:
         if kind == "tokens":
             folder, manifest, tokenizer = open_token_file(data)
         else:
-            folder, manifest, tokenizer = build_token_cache(data, progress=progress)
-        if tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ValueError(
-                f"data.tokenizer={tokenizer.spec!r} has {tokenizer.vocab_size} tokens, more "
-                f"than model.vocab_size={cfg.model.vocab_size}"
-            )
+            folder, manifest, tokenizer = build_token_cache(
+                data, progress=progress, model_vocab_size=cfg.model.vocab_size)
+        _check_vocab(tokenizer.spec, tokenizer.vocab_size, cfg.model.vocab_size)
+        if int(manifest["num_tokens"]) == 0:
+            raise ValueError(f"data.source={data.source!r}: the corpus is empty (0 tokens)")
         tokens = np.memmap(folder / manifest["token_file"], dtype=np.dtype(manifest["dtype"]),
                            mode="r", shape=(int(manifest["num_tokens"]),))
         if kind == "tokens" and tokens.size:
@@ -533,8 +558,6 @@ class Dataset:
                     f"(manifest vocab_size={manifest['vocab_size']}, "
                     f"model.vocab_size={cfg.model.vocab_size})"
                 )
-        if tokens.size == 0:
-            raise ValueError(f"data.source={data.source!r}: the corpus is empty (0 tokens)")
         return cls(tokens, manifest, tokenizer, seq_len=data.seq_len,
                    global_batch_size=cfg.train.global_batch_size, seed=data.seed,
                    val_fraction=data.val_fraction, path=folder)
