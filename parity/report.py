@@ -72,6 +72,14 @@ def fmt(v: Any) -> str:
     return f"{v:.4g}"
 
 
+def _detail(v: Any) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return fmt(v)
+    if isinstance(v, (dict, list)):
+        return json.dumps(_json_safe(v))
+    return str(v)
+
+
 def _mib(b: Any) -> str:
     return "-" if b is None else f"{float(b) / 2**20:.1f} MiB"
 
@@ -307,8 +315,7 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
         ["check", "value", "limit", "result", "detail"],
         [[c["name"], fmt(c["value"]), f"{c.get('op', '<=')} {fmt(c['limit'])}",
           "pass" if c["passed"] else "FAIL",
-          ", ".join(f"{k}={fmt(v) if not isinstance(v, list) else v}"
-                    for k, v in (c.get("detail") or {}).items())]
+          ", ".join(f"{k}={_detail(v)}" for k, v in (c.get("detail") or {}).items())]
          for c in checks],
         ["pass" if c["passed"] else "fail" for c in checks],
     ))

@@ -1,0 +1,144 @@
+"""Orchestration of ``parity run`` with a stand-in trainer (parity.fake_trainer) that keeps
+the trainer command-line contract: planned runs, subprocess handling, every check, the
+reports, and that a planted fault fails its check and the exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmspec.config import load_config
+from parity import run as P
+from parity.run_cmd import finish
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_cmd(side: str) -> list[str]:
+    return [sys.executable, "-m", "parity.fake_trainer", side]
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n"
+                            for i in range(400)))
+    return load_config(ROOT / "configs/tiny.yaml",
+                       [f"data.source=text:{text}", f"data.cache_dir={tmp_path / 'cache'}",
+                        "data.seq_len=32", "data.val_fraction=0.05"])
+
+
+def opts(tmp_path, **kw):
+    base = dict(out=tmp_path / "out", forward=False, trainer_cmd=fake_cmd,
+                zero_stages=(1, 3), precisions=("fp32", "bf16"), run_timeout_s=120)
+    base.update(kw)
+    return P.ParityOptions(**base)
+
+
+def test_plan_runs_default_and_floor_lengths(tmp_path):
+    runs = P.plan_runs(tmp_path, (1, 2, 3), ("fp32", "bf16"), 20, 50)
+    got = {(r.label, r.steps) for r in runs}
+    assert got == {("jax fp32", 20), ("jax bf16", 50),
+                   ("ds zero1 fp32", 50), ("ds zero2 fp32", 50), ("ds zero3 fp32", 50),
+                   ("ds zero1 bf16", 50), ("ds zero2 bf16", 50), ("ds zero3 bf16", 50)}
+    only32 = P.plan_runs(tmp_path, (1, 3), ("fp32",), 20, 50)
+    assert {(r.label, r.steps) for r in only32} == {("jax fp32", 20), ("ds zero1 fp32", 20),
+                                                     ("ds zero3 fp32", 20)}
+    only16 = P.plan_runs(tmp_path, (2,), ("bf16",), 20, 50)
+    assert {(r.label, r.steps) for r in only16} == {("jax bf16", 50), ("ds zero2 fp32", 50),
+                                                     ("ds zero2 bf16", 50)}
+    assert len({r.out_dir for r in runs}) == len(runs)
+
+
+def test_trainer_args_follow_the_contract(tmp_path):
+    spec = P.RunSpec("ds zero3 bf16", "torch", "bf16", 3, 50, tmp_path / "r")
+    args = P.trainer_args(spec, tmp_path / "c.yaml", tmp_path / "w.safetensors")
+    assert args[:2] == ["train", str(tmp_path / "c.yaml")]
+    for a in ("train.steps=50", "train.precision=bf16", f"train.out_dir={tmp_path / 'r'}",
+              "zero.stage=3", "--no-resume"):
+        assert a in args
+    i = args.index("--init-weights")
+    assert args[i + 1] == str(tmp_path / "w.safetensors")
+    assert args[args.index("--dump-grads") + 1] == "0"
+    assert args[args.index("--dump-params") + 1] == "0"
+
+
+def test_jax_env_sets_exactly_one_device_count():
+    env = P.jax_env({"XLA_FLAGS": "--foo --xla_force_host_platform_device_count=8"}, 2)
+    assert env["XLA_FLAGS"].split() == ["--foo", "--xla_force_host_platform_device_count=2"]
+    assert "XLA_FLAGS" not in P.jax_env({}, None)
+
+
+def test_validate_options(cfg, tmp_path):
+    for kw, msg in ((dict(zero_stages=(4,)), "zero-stages"),
+                    (dict(zero_stages=(1, 1)), "repeats"),
+                    (dict(precisions=("fp16",)), "precisions"),
+                    (dict(steps_bf16=0), "steps-bf16")):
+        with pytest.raises(ValueError, match=msg):
+            P.validate_options(opts(tmp_path, **kw), cfg)
+
+
+def test_full_run_with_fake_trainers_passes(cfg, tmp_path, capsys):
+    res = P.run_parity(cfg, opts(tmp_path, steps_fp32=20, steps_bf16=50))
+    names = {c["name"]: c for c in res["checks"]}
+    expected = {
+        "fp32 zero1: grad rel err (worst parameter)", "fp32 zero3: update rel err "
+        "(worst parameter)", "fp32 zero1: loss rel diff (worst of 20 steps)",
+        "fp32 zero3: batch fingerprint mismatches", "bf16 zero1: loss rel diff at step 0",
+        "bf16 zero3: grad cosine (worst parameter)", "bf16 zero1: gap/floor over 50 steps",
+        "bf16 zero3: gap/floor over first 10 steps", "bf16 zero3: batch fingerprint mismatches",
+        "jax fp32 vs jax bf16: batch fingerprint mismatches",
+    }
+    assert expected <= set(names)
+    failed = [c for c in res["checks"] if not c["passed"]]
+    assert failed == [] and res["errors"] == []
+    # the fake's fp32 noise is ~1e-7; its bf16 port deviation is 10x below its floor
+    assert 0 < names["fp32 zero1: loss rel diff (worst of 20 steps)"]["value"] < 1e-6
+    assert names["bf16 zero1: gap/floor over 50 steps"]["value"] < 0.5
+    assert any(i["name"].startswith("fp32 noise floor: loss rel diff") for i in res["info"])
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True
+    assert set(report["series"]) == {"jax fp32", "jax bf16", "ds zero1 fp32", "ds zero3 fp32",
+                                     "ds zero1 bf16", "ds zero3 bf16"}
+    assert len(report["series"]["ds zero1 fp32"]["loss"]) == 50
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 4
+    assert finish(res) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+
+
+@pytest.mark.parametrize("fault,failing", [
+    ("jax:fp32:loss", "fp32 zero1: loss rel diff (worst of 20 steps)"),
+    ("torch:fp32:grad", "fp32 zero1: grad rel err (worst parameter)"),
+    ("torch:bf16:fingerprint", "bf16 zero1: batch fingerprint mismatches"),
+])
+def test_planted_fault_fails_its_check_and_the_exit_code(cfg, tmp_path, monkeypatch, fault,
+                                                         failing, capsys):
+    monkeypatch.setenv("PARITY_FAKE_FAULT", fault)
+    res = P.run_parity(cfg, opts(tmp_path, zero_stages=(1,), steps_fp32=20, steps_bf16=12))
+    bad = {c["name"]: c for c in res["checks"] if not c["passed"]}
+    assert failing in bad, sorted(bad)
+    assert finish(res) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED {failing}" in out
+    assert out.strip().splitlines()[-1].startswith("report: ")
+
+
+def test_crashed_trainer_is_an_error_and_fails(cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARITY_FAKE_FAULT", "torch:fp32:crash")
+    res = P.run_parity(cfg, opts(tmp_path, zero_stages=(1,), precisions=("fp32",)))
+    assert any("ds zero1 fp32: trainer exited with status 3" in e for e in res["errors"])
+    assert any("planted crash" in e for e in res["errors"])  # the log tail is shown
+    missing = [c for c in res["checks"] if c["name"].startswith("fp32 zero1")]
+    assert missing and all(not c["passed"] and c["value"] == "nan" for c in missing)
+    assert finish(res) == 1
+
+
+def test_timeout_kills_the_trainer(cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARITY_FAKE_FAULT", "jax:fp32:slow")
+    res = P.run_parity(cfg, opts(tmp_path, zero_stages=(1,), precisions=("fp32",),
+                                 run_timeout_s=3))
+    assert any("jax fp32: trainer exited with status 124" in e for e in res["errors"])
