@@ -12,8 +12,11 @@ from lmspec.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device. Matched by substring of the device name
 # (``jax.Device.device_kind`` / ``torch.cuda.get_device_name``), first match wins.
+# The PCIe H100 has a lower clock and fewer SMs than the SXM part (NVIDIA H100 datasheet:
+# 1513 TFLOP/s bf16 with sparsity, i.e. 756 dense), so it must match before "H100".
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989e12),
+    ("H100 PCIe", 756e12),
     ("H100", 989e12),
     ("A100", 312e12),
 )

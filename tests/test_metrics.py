@@ -1,0 +1,94 @@
+"""lmspec.metrics: the metrics.jsonl writer and reader both trainers share."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lmspec.metrics import REQUIRED_FIELDS, MetricsWriter, read_metrics
+
+
+def record(step: int, **extra) -> dict:
+    return {"step": step, "loss": 5.0 - 0.1 * step, "grad_norm": 1.0 + step, "lr": 1e-3,
+            "tokens_per_s": 1234.5, "mfu": None, "batch_fingerprint": f"{step:016x}",
+            "wall_time": 1000.0 + step, **extra}
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "run" / "metrics.jsonl"
+    with MetricsWriter(path) as w:
+        for s in range(3):
+            w.write(record(s, val_loss=4.5 if s == 2 else None))
+        # numpy scalars (what trainers hold) are written as plain numbers
+        w.write({**record(3), "loss": np.float32(2.5), "step": np.int64(3)})
+    back = read_metrics(path)
+    assert [r["step"] for r in back] == [0, 1, 2, 3]
+    assert back[0] == record(0, val_loss=None)
+    assert back[2]["val_loss"] == 4.5
+    assert back[3]["loss"] == 2.5 and type(back[3]["step"]) is int
+    assert set(REQUIRED_FIELDS) <= set(back[1])
+
+
+def test_non_finite_loss_survives(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsWriter(path) as w:
+        w.write({**record(0), "loss": float("nan"), "grad_norm": float("inf")})
+    for line in path.read_text().splitlines():
+        json.loads(line)  # still strict JSON
+    (r,) = read_metrics(path)
+    assert math.isnan(r["loss"]) and r["grad_norm"] == math.inf
+
+
+def test_missing_field_is_an_error(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsWriter(path) as w:
+        bad = record(0)
+        del bad["batch_fingerprint"]
+        with pytest.raises(ValueError, match="batch_fingerprint"):
+            w.write(bad)
+    rec = record(0)
+    del rec["grad_norm"]
+    path.write_text(json.dumps(record(0)) + "\n" + json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: .*grad_norm"):
+        read_metrics(path)
+    with pytest.raises(ValueError, match="grad_norm"):
+        read_metrics(path, strict=False)  # tolerance is for torn lines only
+    with pytest.raises(FileNotFoundError):
+        read_metrics(tmp_path / "absent.jsonl")
+
+
+def test_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    full = "".join(json.dumps(record(s)) + "\n" for s in range(3))
+    path.write_text(full + json.dumps(record(3))[:25])  # crash mid-write
+    assert [r["step"] for r in read_metrics(path, strict=False)] == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"metrics.jsonl:4: not a JSON record"):
+        read_metrics(path)
+    # a torn line that is not the last one is corruption, not a crash
+    lines = full.splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][:20] + "\n" + lines[2] + "\n")
+    with pytest.raises(ValueError, match=r":2: not a JSON record"):
+        read_metrics(path, strict=False)
+
+
+def test_resume_truncates_later_steps(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsWriter(path) as w:
+        for s in range(5):
+            w.write(record(s))
+    with open(path, "a") as f:
+        f.write('{"step": 5, "lo')  # torn record of a step that never finished
+    # the checkpoint was taken after step 2: steps 3.. are redone
+    with MetricsWriter(path, start_step=3) as w:
+        assert [r["step"] for r in read_metrics(path)] == [0, 1, 2]
+        w.write(record(3, resumed=True))
+    back = read_metrics(path)
+    assert [r["step"] for r in back] == [0, 1, 2, 3]
+    assert back[3]["resumed"] is True
+    # a fresh run (start_step 0) starts an empty file
+    with MetricsWriter(path, start_step=0):
+        pass
+    assert read_metrics(path) == []
