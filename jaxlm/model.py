@@ -218,7 +218,10 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         dt = self.dtype
-        x_btd = jnp.take(self.embed_vd[...].astype(dt), tokens_bt, axis=0)
+        # gather rows from a whole table: a lookup into a vocab/embed-sharded table makes
+        # the SPMD partitioner replicate the gathered activations instead
+        table_vd = constrain(self.embed_vd[...].astype(dt), (None, None))
+        x_btd = jnp.take(table_vd, tokens_bt, axis=0)
         x_btd = constrain(x_btd, ACT_BTD)
         if self.scan_layers:
             graphdef, state_l = nnx.split(self.layers)

@@ -133,3 +133,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         return new_state, metrics
 
     return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, precision: str
+                   ) -> Callable[[Params, jax.Array], jax.Array]:
+    """``eval(params, windows_mbt1) -> token-mean loss`` (no gradients), looping over
+    the micro-batches so memory matches a training micro-step."""
+    loss_fn = make_loss_fn(graphdef, precision)
+
+    def evaluate(params: Params, windows_mbt1: jax.Array) -> jax.Array:
+        num_micro, rows, t1 = windows_mbt1.shape
+        num_tokens = jnp.asarray(num_micro * rows * (t1 - 1), jnp.float32)
+
+        def body(acc: jax.Array, w_bt1: jax.Array) -> tuple[jax.Array, None]:
+            return acc + loss_fn(params, w_bt1, num_tokens), None
+
+        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), windows_mbt1)
+        return total
+
+    return evaluate

@@ -1,0 +1,94 @@
+"""Orbax checkpoints of the train state: params, optimizer state, step, RNG and config.
+
+Layout: ``<out_dir>/checkpoints/<step>/{state,meta}``; ``step`` counts optimizer steps
+done. Orbax writes each checkpoint under a temporary name and renames it when complete,
+so a process killed mid-save leaves only a temporary folder, which
+:meth:`Checkpoints.latest_step` never returns; it is removed on the next start.
+Saves are synchronous (the next step starts after the rename) to keep resumes exact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir).absolute() / CHECKPOINT_SUBDIR
+
+
+def _remove_partial(directory: Path) -> list[str]:
+    """Delete temporary folders of saves that never completed (process 0 only)."""
+    removed = []
+    if jax.process_index() != 0 or not directory.is_dir():
+        return removed
+    for child in directory.iterdir():
+        if child.is_dir() and ".orbax-checkpoint-tmp" in child.name:
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child.name)
+    return removed
+
+
+class Checkpoints:
+    """Thin wrapper over ``ocp.CheckpointManager`` keeping the last ``keep`` steps."""
+
+    def __init__(self, out_dir: str | os.PathLike, keep: int, *, read_only: bool = False
+                 ) -> None:
+        self.directory = checkpoint_dir(out_dir)
+        self.removed_partial = [] if read_only else _remove_partial(self.directory)
+        if read_only:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, save_interval_steps=0,
+                enable_async_checkpointing=False,
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=False,
+            )
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restore ``step`` into the shapes/dtypes/shardings of ``abstract_state``."""
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                    meta=ocp.args.JsonRestore()),
+        )
+        return out["state"], dict(out["meta"])
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def rng_key_data(seed: int) -> np.ndarray:
+    """The run's base PRNG key as raw uint32 data (saved with every checkpoint)."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))

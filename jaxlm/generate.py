@@ -1,0 +1,123 @@
+"""Sampling from a trained checkpoint: greedy (temperature 0) or temperature sampling.
+
+No KV cache: each new token reruns the causal forward over a fixed-length buffer (one
+compilation; positions after the current one cannot influence it), which is plenty for
+the small models this project trains on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.checkpoint import CHECKPOINT_SUBDIR, Checkpoints
+from jaxlm.model import Llama
+from lmspec.config import ExperimentConfig, from_dict, load_config
+
+
+def _locate(path: str | os.PathLike) -> tuple[Path, int | None]:
+    """(run out_dir, checkpoint step or None for the latest) from a run or step folder."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if (p / CHECKPOINT_SUBDIR).is_dir():
+        return p, None
+    if p.name.isdigit() and p.parent.name == CHECKPOINT_SUBDIR:
+        return p.parent.parent, int(p.name)
+    if p.name == CHECKPOINT_SUBDIR:
+        return p.parent, None
+    raise FileNotFoundError(
+        f"{p}: expected a run directory holding {CHECKPOINT_SUBDIR}/ or a folder "
+        f"{CHECKPOINT_SUBDIR}/<step>"
+    )
+
+
+def load_params(path: str | os.PathLike) -> tuple[ExperimentConfig, dict, int]:
+    """Config, fp32 params (pure dict, on one device) and step of a checkpoint."""
+    out_dir, step = _locate(path)
+    ckpts = Checkpoints(out_dir, keep=1, read_only=True)
+    try:
+        if step is None:
+            step = ckpts.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no complete checkpoint in {ckpts.directory}")
+        elif step not in ckpts.all_steps():
+            raise FileNotFoundError(f"no complete checkpoint for step {step} in "
+                                    f"{ckpts.directory}")
+        meta = ckpts.read_meta(step)
+        if "config" in meta:
+            cfg = from_dict(meta["config"])
+        else:
+            cfg = load_config(out_dir / "config.yaml")
+        # restore onto a single device: a one-device mesh of the same logical layout
+        from jaxlm.trainer import build_setup
+
+        one = from_dict(meta["config"], ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1",
+                                         "zero.world_size=1", "train.micro_batch_size="
+                                         f"{cfg.train.global_batch_size}"])
+        setup = build_setup(one, [jax.devices()[0]])
+        state, _ = ckpts.restore(step, setup.abstract_state)
+    finally:
+        ckpts.close()
+    return cfg, state["params"], step
+
+
+def sample(cfg: ExperimentConfig, params: dict, prompt_ids: list[int], *,
+           max_new_tokens: int, temperature: float, seed: int,
+           eos_id: int | None = None) -> list[int]:
+    """Token ids after ``prompt_ids`` (fp32 forward)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens={max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise ValueError(f"--temperature={temperature} must be >= 0 (0 = greedy)")
+    if not prompt_ids:
+        raise ValueError("--prompt: the prompt encodes to no tokens")
+    limit = cfg.model.max_position_embeddings
+    total = len(prompt_ids) + max_new_tokens
+    if total > limit:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens={max_new_tokens} exceeds "
+            f"model.max_position_embeddings={limit}"
+        )
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(
+        cfg.model, rngs=nnx.Rngs(0), scan_layers=cfg.train.scan_layers)))
+
+    @jax.jit
+    def next_token(params: dict, buf_1t: jax.Array, pos: jax.Array, key: jax.Array
+                   ) -> jax.Array:
+        logits_v = nnx.merge(graphdef, params)(buf_1t)[0, pos - 1]
+        if temperature == 0:
+            return jnp.argmax(logits_v).astype(jnp.int32)
+        return jax.random.categorical(key, logits_v / temperature).astype(jnp.int32)
+
+    buf = np.zeros((1, total), np.int32)
+    buf[0, : len(prompt_ids)] = prompt_ids
+    key = jax.random.key(seed)
+    out: list[int] = []
+    buf_j = jnp.asarray(buf)
+    for i in range(max_new_tokens):
+        pos = len(prompt_ids) + i
+        tok = int(next_token(params, buf_j, jnp.int32(pos), jax.random.fold_in(key, i)))
+        out.append(tok)
+        buf_j = buf_j.at[0, pos].set(tok)
+        if eos_id is not None and tok == eos_id:
+            break
+    return out
+
+
+def generate_from_checkpoint(path: str | os.PathLike, prompt: str, *, max_new_tokens: int = 64,
+                             temperature: float = 0.0, seed: int = 0) -> str:
+    """Prompt + continuation as text, from a run directory or a checkpoint folder."""
+    cfg, params, _ = load_params(path)
+    from lmspec.data import Dataset
+
+    tokenizer = Dataset.from_config(cfg, progress=False).tokenizer
+    ids = tokenizer.encode(prompt)
+    new = sample(cfg, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                 seed=seed, eos_id=getattr(tokenizer, "eos_id", None))
+    return prompt + tokenizer.decode(new)
