@@ -348,7 +348,7 @@ def build_token_cache(data: DataConfig, progress: bool | None = None,
     show = progress if progress is not None else corpus.num_bytes > PROGRESS_BYTES
     cache_dir = Path(data.cache_dir)
     tokenizer = load_tokenizer(data.tokenizer, corpus=_LazyTexts(corpus),
-                               corpus_hash=corpus.hash, cache_dir=cache_dir)
+                               corpus_hash=corpus.hash, cache_dir=cache_dir, progress=show)
     _check_vocab(tokenizer.spec, tokenizer.vocab_size, model_vocab_size)
     key = _cache_key(corpus.hash, tokenizer.hash, data.max_bytes)
     folder = cache_dir / "tokens" / key
@@ -427,9 +427,18 @@ class _VocabOnlyTokenizer(Tokenizer):
 
 
 def open_token_file(data: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
-    """A pre-tokenized source: ``tokens:<folder|manifest.json|file.bin>``."""
+    """A pre-tokenized source: ``tokens:<folder|manifest.json|file.bin>``.
+
+    Its tokenizer is the one its manifest names (``data.tokenizer`` is not used):
+    ``byte``, the ``tokenizer.json`` beside the manifest, or else ids only.
+    """
     _, loc = source_kind(data.source)
     src = data.source
+    if data.max_bytes:
+        raise ValueError(
+            f"data.max_bytes={data.max_bytes}: applies to text sources only, not to the token "
+            f"file data.source={src!r}; set it to 0"
+        )
     p = Path(loc)
     if p.is_dir():
         p = p / MANIFEST

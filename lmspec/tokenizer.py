@@ -153,7 +153,8 @@ def parse_bpe_size(spec: str) -> int:
     return n
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> Path:
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike,
+              progress: bool = False) -> Path:
     """Train a byte-level BPE (GPT-2 style pre-tokenization) and save it atomically.
 
     Special tokens ``<|bos|>``, ``<|eos|>``, ``<|pad|>`` get ids 0, 1, 2; every byte is
@@ -171,18 +172,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) ->
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return atomic_write_text(path, tok.to_str())
 
 
-def load_tokenizer(spec: str, *, corpus: Sequence[str] | None = None,
+def load_tokenizer(spec: str, *, corpus: Iterable[str] | None = None,
                    corpus_hash: str | None = None,
-                   cache_dir: str | os.PathLike = ".cache/lmspec") -> Tokenizer:
+                   cache_dir: str | os.PathLike = ".cache/lmspec",
+                   progress: bool = False) -> Tokenizer:
     """The tokenizer named by ``data.tokenizer``.
 
-    ``bpe:<N>`` needs the corpus (a sequence of documents) and its hash: the trained
+    ``bpe:<N>`` needs the corpus (an iterable of documents) and its hash: the trained
     tokenizer is cached as ``<cache_dir>/tokenizers/bpe<N>-<corpus_hash>/tokenizer.json``
     and reused on later calls.
     """
@@ -198,7 +200,7 @@ def load_tokenizer(spec: str, *, corpus: Sequence[str] | None = None,
 
             with file_lock(path.parent / ".lock"):
                 if not path.is_file():  # another process may have trained it meanwhile
-                    train_bpe(corpus, n, path)
+                    train_bpe(corpus, n, path, progress=progress)
         return HFTokenizer(path, spec)
     if spec.endswith(".json"):
         return HFTokenizer(spec, spec)

@@ -244,6 +244,8 @@ def test_token_file_source_by_prefix_manifest_and_bin(tmp_path):
         np.testing.assert_array_equal(batch, windows[idx])
     with pytest.raises(ValueError, match="tokenizer 'external' of this token file"):
         ds.tokenizer.encode("no tokenizer for an external token file")
+    with pytest.raises(ValueError, match="data.max_bytes=100: applies to text sources only"):
+        Dataset.from_config(make_cfg(tmp_path, manifest, "data.max_bytes=100"))
 
     # a cache folder built from text works as a token source, tokenizer included
     f = tmp_path / "t.txt"
@@ -558,3 +560,22 @@ def test_token_file_ids_outside_vocabulary(tmp_path):
         fh.truncate(1000)
     with pytest.raises(ValueError, match="manifest says 2000"):
         Dataset.from_config(make_cfg(tmp_path, f"tokens:{tmp_path / 'cut'}", "data.seq_len=9"))
+
+
+@pytest.mark.multiprocess
+def test_concurrent_builds_agree(tmp_path):
+    """Both sides of a parity run may build the same cache at the same moment."""
+    f = tmp_path / "t.txt"
+    f.write_text(distinct_text(300_000), encoding="utf-8")
+    overrides = [f"data.source={f}", f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=31"]
+    procs = [subprocess.Popen([sys.executable, "-c", FINGERPRINT_SCRIPT, str(TINY), *overrides],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
+    results = {o for o, _ in outs}
+    assert len(results) == 1
+    (folder,) = [p for p in (tmp_path / "cache" / "tokens").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "tokens.bin"]
+    ds = Dataset.from_config(load_config(TINY, overrides))
+    assert json.loads(results.pop()) == [fingerprint(ds.global_batch(s)) for s in range(4)]
