@@ -206,6 +206,13 @@ def _truncate(docs: list[bytes], max_bytes: int) -> list[bytes]:
     return out
 
 
+def _outside(files: list[Path], cache_dir: Path) -> list[Path]:
+    """``files`` without those in the token cache (a source folder may contain it; its
+    manifests change with every build and would change the corpus)."""
+    cache = cache_dir.resolve()
+    return [p for p in files if not p.resolve().is_relative_to(cache)]
+
+
 def _hash_documents(docs: list[bytes]) -> str:
     h = hashlib.sha256()
     for d in docs:
@@ -234,9 +241,11 @@ def read_corpus(data: DataConfig, progress: bool | None = None) -> Corpus:
         root = Path(loc)
         files = sorted((p for p in root.rglob("*") if p.is_file()),
                        key=lambda p: p.relative_to(root).as_posix())
+        files = _outside(files, Path(data.cache_dir))
         docs, skipped = _read_files(files, bool(progress), data.max_bytes)
     elif kind == "glob":
         files = sorted(Path(p) for p in _glob.glob(loc, recursive=True) if Path(p).is_file())
+        files = _outside(files, Path(data.cache_dir))
         if not files:
             raise FileNotFoundError(f"data.source={src!r}: the pattern matches no files")
         docs, skipped = _read_files(files, bool(progress), data.max_bytes)

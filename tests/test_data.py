@@ -182,6 +182,18 @@ def test_directory_source_sorted_and_skips_binary(tmp_path):
     np.testing.assert_array_equal(np.asarray(ds.tokens), _joined(docs, 257))
 
 
+def test_directory_holding_the_cache_leaves_it_out(tmp_path):
+    corpus = tmp_path / "corpus"
+    files = _write_tree(corpus)
+    cfg = load_config(TINY, [f"data.source={corpus}", f"data.cache_dir={corpus / '.cache'}",
+                             "data.val_fraction=0", "data.seq_len=31"])
+    first = Dataset.from_config(cfg)
+    second = Dataset.from_config(cfg)  # the cache's manifest.json is not read as text
+    assert second.path == first.path
+    docs = [files["a/one.txt"], files["b/two.txt"], files["c.md"]]
+    np.testing.assert_array_equal(np.asarray(second.tokens), _joined(docs, 257))
+
+
 def test_glob_source(tmp_path):
     corpus = tmp_path / "corpus"
     files = _write_tree(corpus)
