@@ -176,9 +176,11 @@ class Llama(nn.Module):
     def loss(self, windows_bt1: torch.Tensor) -> torch.Tensor:
         """Token-mean cross-entropy (fp32) of windows (B, T+1): predict w[:, 1:] from
         w[:, :-1]."""
-        inputs_bt = windows_bt1[:, :-1]
-        targets_bt = windows_bt1[:, 1:]
-        logits_btv = self(inputs_bt)
-        return F.cross_entropy(
-            logits_btv.reshape(-1, logits_btv.shape[-1]), targets_bt.reshape(-1).long()
-        )
+        return token_loss(self(windows_bt1[:, :-1]), windows_bt1[:, 1:])
+
+
+def token_loss(logits_btv: torch.Tensor, targets_bt: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all B*T tokens, log-softmax in fp32."""
+    return F.cross_entropy(
+        logits_btv.float().reshape(-1, logits_btv.shape[-1]), targets_bt.reshape(-1).long()
+    )

@@ -1,0 +1,75 @@
+"""``torchlm`` command line: ``train`` (DeepSpeed ZeRO workers) and ``ds-config``.
+
+    torchlm train CONFIG [k=v ...] [--init-weights FILE] [--dump-grads STEPS]
+                  [--dump-params STEPS] [--no-resume]
+    torchlm ds-config CONFIG [k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from lmspec.cli import add_config_args, config_from_args, run
+
+
+def _parser() -> argparse.ArgumentParser:
+    from torchlm.trainer import add_train_args
+
+    parser = argparse.ArgumentParser(prog="torchlm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train", help="train with DeepSpeed ZeRO on zero.world_size local processes",
+        description="Launch zero.world_size DeepSpeed workers through torchrun (gloo on "
+        "CPU, NCCL on GPU); resumes from the latest checkpoint in train.out_dir.",
+    )
+    add_train_args(train)
+    ds = sub.add_parser("ds-config", help="print the DeepSpeed config JSON of a config")
+    add_config_args(ds)
+    return parser
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.command == "ds-config":
+        from torchlm.ds_config import build_ds_config, optimizer_spec
+
+        conf = build_ds_config(cfg)
+        print(json.dumps(conf, indent=2))
+        print("# optimizer and lr_scheduler are passed as objects to deepspeed.initialize:",
+              json.dumps(optimizer_spec(cfg)), file=sys.stderr)
+        return 0
+    # build the token cache once, with a progress bar, before the workers start
+    from lmspec.data import Dataset
+
+    ds = Dataset.from_config(cfg)
+    if ds.num_val_windows == 0 and cfg.train.eval_every:
+        print("note: no validation windows (data.val_fraction); val_loss is not logged",
+              file=sys.stderr)
+    from torchlm.launch import WorkerError, launch
+
+    worker_args = [args.config, *args.overrides]
+    if args.init_weights:
+        worker_args += ["--init-weights", args.init_weights]
+    for flag, steps in (("--dump-grads", args.dump_grads), ("--dump-params", args.dump_params)):
+        if steps:
+            worker_args += [flag, ",".join(map(str, steps))]
+    if args.no_resume:
+        worker_args.append("--no-resume")
+    try:
+        return launch(cfg, worker_args)
+    except WorkerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``torchlm``."""
+    return run(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

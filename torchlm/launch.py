@@ -1,0 +1,99 @@
+"""Start ``zero.world_size`` worker processes through torchrun and report their failure.
+
+torchrun (``python -m torch.distributed.run --standalone``: local rendezvous on a free
+port) starts the workers and, when one exits with an error, stops the others and exits
+non-zero. Each worker records its exception (``torch.distributed.elastic``'s ``@record``
+error files, one per rank, in a temporary folder); the earliest one is the root cause
+and is what this module reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from lmspec.config import ExperimentConfig
+from torchlm.trainer import LAUNCH_TIME_ENV
+
+
+class WorkerError(RuntimeError):
+    """A training worker died; the message names its rank and its exception."""
+
+
+def torchrun_command(num_procs: int, worker_args: Sequence[str], log_dir: str) -> list[str]:
+    """The torchrun command line that runs ``torchlm.worker`` on ``num_procs`` ranks;
+    torchrun keeps the workers' error files under ``log_dir``."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone", "--nnodes", "1", "--nproc_per_node", str(num_procs),
+        "--monitor_interval", "0.2", "--log_dir", log_dir,
+        "-m", "torchlm.worker", *worker_args,
+    ]
+
+
+def _worker_env(cfg: ExperimentConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env[LAUNCH_TIME_ENV] = repr(time.time())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_gpu = False
+    if not has_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        threads = max(1, (os.cpu_count() or 1) // cfg.zero.world_size)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    return env
+
+
+def root_cause(error_dir: str | os.PathLike) -> str | None:
+    """``"rank R: <exception message>"`` of the earliest recorded worker error (a peer
+    that fails later, e.g. on the dead rank's closed connection, is a consequence)."""
+    best = None
+    for path in Path(error_dir).rglob("error.json"):
+        try:
+            data = json.loads(path.read_text())
+            msg = data["message"]
+            if isinstance(msg, str):
+                msg = json.loads(msg)
+            text = msg["message"]
+            ts = path.stat().st_mtime_ns
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        rank = _rank_of(path)
+        if best is None or ts < best[0]:
+            best = (ts, rank, text)
+    if best is None:
+        return None
+    _, rank, text = best
+    return f"rank {rank}: {text}" if rank is not None else text
+
+
+def _rank_of(path: Path) -> int | None:
+    # torchrun writes <dir>/.../attempt_0/<local_rank>/error.json
+    for part in reversed(path.parts[:-1]):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def launch(cfg: ExperimentConfig, worker_args: Sequence[str]) -> int:
+    """Run the workers to completion; raise :class:`WorkerError` if one failed."""
+    with tempfile.TemporaryDirectory(prefix="torchlm-run-") as log_dir:
+        cmd = torchrun_command(cfg.zero.world_size, worker_args, log_dir)
+        rc = subprocess.call(cmd, env=_worker_env(cfg))
+        if rc == 0:
+            return 0
+        cause = root_cause(log_dir)
+        raise WorkerError(
+            f"training worker failed (torchrun exit status {rc})"
+            + (f"; first error on {cause}" if cause else "; see the worker output above")
+        )
