@@ -17,8 +17,19 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 CHECKPOINT_SUBDIR = "checkpoints"
+
+# Each shard is written whole by its first replica. Orbax's default on CPU
+# (replica-parallel: replicas split a shard) slices every shard with a separately
+# compiled op, which cost seconds per save here and buys nothing on one host.
+_verbosity = absl_logging.get_verbosity()
+absl_logging.set_verbosity(absl_logging.ERROR)  # the override is intended; no warning
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+)
+absl_logging.set_verbosity(_verbosity)
 
 
 def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
