@@ -130,6 +130,36 @@ def updates(after: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, np
     return {k: _f64(after[k]) - _f64(before[k]) for k in before}
 
 
+def clip_coef(grads: Mapping[str, Any], max_norm: float, norm_eps: float = 0.0) -> float:
+    """Global-norm clipping factor: ``min(1, max_norm / (norm + norm_eps))``; 1 when
+    ``max_norm`` is 0 (off). optax uses ``norm_eps`` 0 (and only scales when norm >
+    max_norm), DeepSpeed ZeRO 1e-6."""
+    if max_norm <= 0:
+        return 1.0
+    n = global_norm(grads)
+    if n <= max_norm and norm_eps == 0.0:
+        return 1.0
+    return min(1.0, max_norm / (n + norm_eps))
+
+
+def adamw_first_update(grads: Mapping[str, Any], params: Mapping[str, Any], optim: Any,
+                       name: str, clip_eps: float = 0.0) -> np.ndarray:
+    """The exact (float64) first AdamW update of parameter ``name``: clipped gradient
+    ``g``, then ``-lr*wd*p - lr * m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = g`` and
+    ``v_hat = g**2`` after bias correction (torch.optim.AdamW, decoupled decay).
+    ``optim`` is an :class:`lmspec.config.OptimConfig`."""
+    from lmspec.schedule import lr_at
+    from lmspec.weights import decays
+
+    g = _f64(grads[name]) * clip_coef(grads, optim.grad_clip, clip_eps)
+    p = _f64(params[name])
+    lr = lr_at(0, optim)
+    m_hat = ((1 - optim.beta1) * g) / (1 - optim.beta1)
+    v_hat = ((1 - optim.beta2) * g * g) / (1 - optim.beta2)
+    wd = optim.weight_decay if decays(name, p.shape, optim.wd_mask) else 0.0
+    return -lr * wd * p - lr * m_hat / (np.sqrt(v_hat) + optim.eps)
+
+
 # ----------------------------------------------------------------------------- series
 
 

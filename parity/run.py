@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from lmspec.config import ExperimentConfig, save_config
+from lmspec.config import ExperimentConfig, OptimConfig, save_config
 from lmspec.metrics import read_metrics
 from lmspec.weights import init_weights, load_safetensors, save_safetensors
 from parity import compare as C
@@ -100,11 +100,16 @@ def plan_runs(out: Path, zero_stages: Sequence[int], precisions: Sequence[str],
 # ----------------------------------------------------------------------------- subprocesses
 
 
-def default_trainer_cmd(side: str) -> list[str]:
-    """``jaxlm train`` / ``torchlm train`` with this interpreter (no PATH needed)."""
-    pkg = "jaxlm" if side == "jax" else "torchlm"
-    code = f"import sys; from {pkg}.cli import main; sys.argv[0] = {pkg!r}; main()"
+def entry_cmd(pkg: str) -> list[str]:
+    """Run ``<pkg>.cli:main`` with this interpreter (no PATH needed); its return value or
+    SystemExit becomes the exit status."""
+    code = f"import sys; from {pkg}.cli import main; sys.argv[0] = {pkg!r}; sys.exit(main())"
     return [sys.executable, "-c", code]
+
+
+def default_trainer_cmd(side: str) -> list[str]:
+    """``jaxlm train`` / ``torchlm train`` with this interpreter."""
+    return entry_cmd("jaxlm" if side == "jax" else "torchlm")
 
 
 def gpu_available() -> bool:
@@ -312,7 +317,8 @@ def _get(runs: Mapping[str, RunData], label: str) -> RunData | None:
 
 
 def training_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray],
-                    zero_stages: Sequence[int], precisions: Sequence[str]
+                    zero_stages: Sequence[int], precisions: Sequence[str],
+                    optim: OptimConfig | None = None
                     ) -> tuple[list[C.Check], list[dict], list[dict]]:
     """Every training check of the issue, from the runs' metrics and dumps.
 
@@ -341,31 +347,31 @@ def training_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray],
         # noise floor: two DeepSpeed set-ups that should agree (first vs last stage)
         floor_abs: list[float] = []
         floor_name = ""
-        if len(zero_stages) >= 2:
-            sa, sb = zero_stages[0], zero_stages[-1]
+        ok_stages = [s for s in zero_stages if ds_runs[s] is not None]
+        if len(ok_stages) >= 2:
+            sa, sb = ok_stages[0], ok_stages[-1]
             a, b = ds_runs[sa], ds_runs[sb]
             floor_name = f"ds zero{sa} vs zero{sb} fp32"
-            if a is not None and b is not None:
-                n = min(FP32_LOSS_STEPS, a.spec.steps, b.spec.steps)
-                la, lb = a.series("loss", n), b.series("loss", n)
-                floor_abs = C.abs_diff_series(la, lb)
-                rel = C.rel_diff_series(la, lb)
-                info.append({"name": f"fp32 noise floor: loss rel diff, {floor_name}",
-                             "value": max(rel),
-                             "note": f"worst of {n} steps (step {int(np.argmax(rel))})"})
-                if a.grads0 is not None and b.grads0 is not None:
-                    g = C.per_param(a.grads0, b.grads0)
-                    p, v = C.worst(g, "rel_err")
-                    info.append({"name": f"fp32 noise floor: grad rel err, {floor_name}",
-                                 "value": v, "note": f"worst parameter {p}"})
-                if a.params0 is not None and b.params0 is not None:
-                    u = C.per_param(C.updates(a.params0, init), C.updates(b.params0, init))
-                    p, v = C.worst(u, "rel_err")
-                    info.append({"name": f"fp32 noise floor: update rel err, {floor_name}",
-                                 "value": v, "note": f"worst parameter {p}"})
+            n = min(FP32_LOSS_STEPS, a.spec.steps, b.spec.steps)
+            la, lb = a.series("loss", n), b.series("loss", n)
+            floor_abs = C.abs_diff_series(la, lb)
+            rel = C.rel_diff_series(la, lb)
+            info.append({"name": f"fp32 noise floor: loss rel diff, {floor_name}",
+                         "value": max(rel),
+                         "note": f"worst of {n} steps (step {int(np.argmax(rel))})"})
+            if a.grads0 is not None and b.grads0 is not None:
+                g = C.per_param(a.grads0, b.grads0)
+                p, v = C.worst(g, "rel_err")
+                info.append({"name": f"fp32 noise floor: grad rel err, {floor_name}",
+                             "value": v, "note": f"worst parameter {p}"})
+            if a.params0 is not None and b.params0 is not None:
+                u = C.per_param(C.updates(a.params0, init), C.updates(b.params0, init))
+                p, v = C.worst(u, "rel_err")
+                info.append({"name": f"fp32 noise floor: update rel err, {floor_name}",
+                             "value": v, "note": f"worst parameter {p}"})
         else:
             info.append({"name": "fp32 noise floor", "value": None,
-                         "note": "not measured: needs two ZeRO stages"})
+                         "note": "not measured: needs two finished ZeRO stages"})
         for s in zero_stages:
             tag = f"fp32 zero{s}"
             ds = ds_runs[s]
@@ -394,7 +400,9 @@ def training_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray],
             u = C.per_param(C.updates(jax.params0, init), C.updates(ds.params0, init))
             p, v = C.worst(u, "rel_err")
             checks.append(C.make_check(f"{tag}: update rel err (worst parameter)",
-                                       "fp32.update_rel_err", v, param=p))
+                                       "fp32.update_rel_err", v, param=p, stage=s))
+            if optim is not None:
+                info += update_diagnosis(tag, p, jax, ds, init, optim)
             n = min(FP32_LOSS_STEPS, jax.spec.steps, ds.spec.steps)
             lj, ld = jax.series("loss", n), ds.series("loss", n)
             rel = C.rel_diff_series(lj, ld)
@@ -464,6 +472,83 @@ def training_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray],
     if j32 is not None and j16 is not None:
         fingerprint_check("jax fp32 vs jax bf16: batch fingerprint mismatches", [(j32, j16)])
     return checks, info, pairs
+
+
+def update_diagnosis(tag: str, param: str, jax: RunData, ds: RunData,
+                     init: Mapping[str, np.ndarray], optim: OptimConfig) -> list[dict]:
+    """Which term makes the step-0 updates of ``param`` differ.
+
+    Applies an exact (float64) clipped AdamW first step to each side's dumped gradient:
+    if ``AdamW(g_jax)`` vs ``AdamW(g_ds)`` differs as much as the measured updates while
+    each side's update matches ``AdamW`` of its own gradient, the optimizers are faithful
+    and the difference comes from the gradients, amplified by Adam's first-step
+    normalisation ``g / (|g| + eps)`` where ``|g|`` is near ``eps``. Also names the single
+    element that dominates the difference."""
+    ua = C.updates({param: jax.params0[param]}, {param: init[param]})[param]
+    ub = C.updates({param: ds.params0[param]}, {param: init[param]})[param]
+    ea = C.adamw_first_update(jax.grads0, init, optim, param)
+    eb = C.adamw_first_update(ds.grads0, init, optim, param, clip_eps=1e-6)
+    sq = ((ua - ub) ** 2).ravel()
+    i = int(np.argmax(sq))
+    share = float(sq[i] / sq.sum()) if sq.sum() > 0 else 0.0
+    rest = math.sqrt(max(float(sq.sum() - sq[i]), 0.0)) / max(float(np.linalg.norm(ub)), 1e-300)
+    gj = float(np.asarray(jax.grads0[param]).ravel()[i])
+    gd = float(np.asarray(ds.grads0[param]).ravel()[i])
+    clip = C.clip_coef(ds.grads0, optim.grad_clip, 1e-6)
+    idx = tuple(int(x) for x in np.unravel_index(i, ua.shape))
+    return [
+        {"name": f"{tag}: update diagnosis, exact AdamW(g_jax) vs AdamW(g_ds)",
+         "value": C.rel_l2_error(ea, eb),
+         "note": f"{param}: the update difference the gradient difference alone produces"},
+        {"name": f"{tag}: update diagnosis, jax update vs exact AdamW of its own gradient",
+         "value": C.rel_l2_error(ua, ea), "note": f"{param}: optax vs float64 AdamW"},
+        {"name": f"{tag}: update diagnosis, deepspeed update vs exact AdamW of its own "
+                 "gradient", "value": C.rel_l2_error(ub, eb),
+         "note": f"{param}: torch AdamW under ZeRO vs float64 AdamW"},
+        {"name": f"{tag}: update diagnosis, share of the squared difference in one element",
+         "value": share,
+         "note": f"{param}{list(idx)}: grad jax {gj:.4e} vs deepspeed {gd:.4e}; clipped "
+                 f"|g| = {abs(gd) * clip:.2e} vs eps {optim.eps:g} (tensor RMS grad "
+                 f"{float(np.sqrt(np.mean(np.square(ds.grads0[param], dtype=np.float64)))):.2e})"
+                 f"; update {ua.ravel()[i]:.4e} vs {ub.ravel()[i]:.4e}",
+         "element": list(idx)},
+        {"name": f"{tag}: update diagnosis, update rel err without that element",
+         "value": rest, "note": f"{param}: the other {ua.size - 1} elements"},
+    ]
+
+
+def float64_gradient(cfg: ExperimentConfig, weights: Mapping[str, np.ndarray],
+                     windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Step-0 gradient of the global token-mean loss computed in float64 (the torch
+    module cast to float64): a ground truth neither fp32 side can reach."""
+    import torch
+
+    from torchlm import api as tapi
+
+    model = tapi.build_model(cfg.model, dict(weights), "fp32").double()
+    loss = model.loss(torch.from_numpy(np.asarray(windows, np.int64)))
+    loss.backward()
+    return {k: p.grad.detach().numpy() for k, p in model.named_parameters()}
+
+
+def truth_diagnosis(tag: str, param: str, jax: RunData, ds: RunData,
+                    init: Mapping[str, np.ndarray], optim: OptimConfig,
+                    g64: Mapping[str, np.ndarray]) -> list[dict]:
+    """Each side's measured step-0 update of ``param`` against exact AdamW applied to the
+    float64 gradient: how far each fp32 side is from the truth."""
+    exact = C.adamw_first_update(g64, init, optim, param)
+    i = int(np.argmax((jax.params0[param].astype(np.float64) - ds.params0[param]) ** 2))
+    out = [{"name": f"{tag}: update diagnosis, float64 gradient of that element",
+            "value": float(np.asarray(g64[param]).ravel()[i]),
+            "note": f"{param}: fp32 gradients jax {float(jax.grads0[param].ravel()[i]):.4e}, "
+                    f"deepspeed {float(ds.grads0[param].ravel()[i]):.4e}"}]
+    for side, r in (("jax", jax), ("deepspeed", ds)):
+        u = C.updates({param: r.params0[param]}, {param: init[param]})[param]
+        out.append({"name": f"{tag}: update diagnosis, {side} update vs exact AdamW of the "
+                            "float64 gradient", "value": C.rel_l2_error(u, exact),
+                    "note": f"{param}; its gradient vs float64: "
+                            f"{C.rel_l2_error(r.grads0[param], g64[param]):.3e}"})
+    return out
 
 
 # ----------------------------------------------------------------------------- environment
@@ -655,9 +740,24 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
 
     # 5. checks and reports
     t0 = begin("checks and reports")
-    tchecks, tinfo, pairs = training_checks(runs, init, opts.zero_stages, opts.precisions)
+    tchecks, tinfo, pairs = training_checks(runs, init, opts.zero_stages, opts.precisions,
+                                            cfg.optim)
     checks += tchecks
     info += tinfo
+    failed_updates = [c for c in tchecks if c.key == "fp32.update_rel_err" and not c.passed
+                      and math.isfinite(c.value)]
+    if failed_updates:
+        # diagnose against a float64 ground truth of the same step-0 gradient
+        try:
+            g64 = float64_gradient(cfg, init, ds.global_batch(0))
+            for c in failed_updates:
+                stage = c.detail["stage"]
+                info += truth_diagnosis(f"fp32 zero{stage}", c.detail["param"],
+                                        runs["jax fp32"], runs[run_label("torch", "fp32", stage)],
+                                        init, cfg.optim, g64)
+        except Exception as e:  # noqa: BLE001 - a diagnosis, not a check
+            info.append({"name": "update diagnosis vs float64", "value": None,
+                         "note": f"failed: {type(e).__name__}: {e}"})
     series = {}
     throughput = {}
     for label, r in runs.items():

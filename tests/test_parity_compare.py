@@ -127,3 +127,30 @@ def test_make_check():
     assert ok.passed and ok.limit == 1e-5 and ok.op == "<=" and ok.detail == {"step": 3}
     assert not bad.passed and bad.op == ">="
     assert C.make_check("x", "fp32.grad_rel_err", math.inf).to_dict()["value"] == "inf"
+
+
+def test_adamw_first_update_closed_form_and_torch():
+    from lmspec.config import OptimConfig
+    from lmspec.schedule import lr_at
+
+    o = OptimConfig(lr=1e-2, warmup_steps=0, decay_steps=10, weight_decay=0.1, eps=1e-8,
+                    grad_clip=1.0, wd_mask="matrices")
+    grads = {"w": np.array([[3.0, -4.0]]), "n": np.array([0.0])}  # global norm 5
+    params = {"w": np.array([[1.0, 2.0]]), "n": np.array([1.0])}
+    assert C.clip_coef(grads, 1.0) == pytest.approx(0.2)
+    assert C.clip_coef(grads, 10.0) == 1.0 and C.clip_coef(grads, 0.0) == 1.0
+    lr = lr_at(0, o)
+    gc = np.array([[0.6, -0.8]])
+    expect = -lr * 0.1 * params["w"] - lr * gc / (np.abs(gc) + 1e-8)
+    np.testing.assert_allclose(C.adamw_first_update(grads, params, o, "w"), expect, rtol=1e-12)
+    # the norm gain is not decayed under "matrices" and its gradient is 0: no update
+    assert C.adamw_first_update(grads, params, o, "n").tolist() == [0.0]
+
+    torch = pytest.importorskip("torch")
+    p = torch.nn.Parameter(torch.tensor(params["w"], dtype=torch.float64))
+    opt = torch.optim.AdamW([p], lr=lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            weight_decay=o.weight_decay)
+    p.grad = torch.tensor(gc)
+    opt.step()
+    np.testing.assert_allclose(p.detach().numpy() - params["w"],
+                               C.adamw_first_update(grads, params, o, "w"), rtol=1e-10)

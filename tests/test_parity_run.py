@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lmspec.config import load_config
@@ -142,3 +143,44 @@ def test_timeout_kills_the_trainer(cfg, tmp_path, monkeypatch):
     res = P.run_parity(cfg, opts(tmp_path, zero_stages=(1,), precisions=("fp32",),
                                  run_timeout_s=3))
     assert any("jax fp32: trainer exited with status 124" in e for e in res["errors"])
+
+
+@pytest.mark.parametrize("body,status", [("return 3", 3), ("raise SystemExit(4)", 4),
+                                         ("return 0", 0)])
+def test_entry_cmd_propagates_the_exit_status(tmp_path, body, status):
+    import os
+    import subprocess
+
+    pkg = tmp_path / "zzfakecli"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli.py").write_text(f"def main():\n    {body}\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    assert subprocess.run(P.entry_cmd("zzfakecli"), env=env).returncode == status
+
+
+def test_update_diagnosis_names_the_dominant_element(tmp_path):
+    """Two faithful AdamW steps from gradients that differ by fp32-sized noise plus one
+    near-zero element: the diagnosis must find that element and the faithful optimizers."""
+    from lmspec.config import OptimConfig
+    from parity import compare as C
+
+    o = OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10, grad_clip=1.0)
+    rng = np.random.default_rng(0)
+    init = {"w": rng.standard_normal((64, 32)) * 0.02}
+    g = rng.standard_normal((64, 32)) * 1e-2
+    g[3, 5] = 2e-10  # clipped |g| far below eps: Adam's g/(|g|+eps) is linear in g here
+    gj, gd = g * (1 + 1e-7), g.copy()
+    gj[3, 5] = 4e-10
+    runs = {}
+    for side, grads in (("jax", gj), ("torch", gd)):
+        spec = P.RunSpec(side, side, "fp32", None, 1, tmp_path)
+        upd = C.adamw_first_update({"w": grads}, init, o, "w")
+        runs[side] = P.RunData(spec, grads0={"w": grads}, params0={"w": init["w"] + upd})
+    info = {i["name"].split("diagnosis, ")[1]: i
+            for i in P.update_diagnosis("t", "w", runs["jax"], runs["torch"], init, o)}
+    assert info["share of the squared difference in one element"]["element"] == [3, 5]
+    assert info["share of the squared difference in one element"]["value"] > 0.99
+    assert info["jax update vs exact AdamW of its own gradient"]["value"] < 1e-12
+    assert info["update rel err without that element"]["value"] < 1e-5
+    assert info["exact AdamW(g_jax) vs AdamW(g_ds)"]["value"] > 1e-4
