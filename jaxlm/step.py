@@ -118,7 +118,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     def step(state: dict[str, Any], windows_mbt1: jax.Array) -> Any:
         params = state["params"]
         loss, grads = accumulate_grads(loss_fn, params, windows_mbt1)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
         s = state["step"]

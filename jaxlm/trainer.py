@@ -40,7 +40,7 @@ from jaxlm.step import make_eval_step, make_optimizer, make_train_step
 from jaxlm.weights import hf_to_params, params_to_hf
 from lmspec import flops
 from lmspec import weights as lw
-from lmspec.config import ExperimentConfig, save_config
+from lmspec.config import ConfigError, ExperimentConfig, save_config
 from lmspec.io import atomic_write_json
 from lmspec.metrics import MetricsWriter
 
@@ -83,6 +83,11 @@ def build_setup(cfg: ExperimentConfig, devices: list[jax.Device] | None = None) 
     """Mesh, shardings and optimizer for ``cfg``; raises ConfigError on a mesh that does
     not fit the devices or a dimension that does not divide its mesh axes."""
     mesh = shd.make_mesh(cfg.mesh, devices)
+    if cfg.train.attention == "cudnn" and mesh.devices.flat[0].platform != "gpu":
+        raise ConfigError(
+            f"train.attention='cudnn' needs NVIDIA GPUs, but the devices are "
+            f"{mesh.devices.flat[0].platform!r}; use train.attention=xla"
+        )
     sizes = shd.mesh_sizes(mesh)
     rules = cfg.mesh.rules
     abstract_model = nnx.eval_shape(lambda: _new_model(cfg, 0))

@@ -1,7 +1,7 @@
 """jaxlm trainer on 8 virtual CPU devices: sharding invariance, resume exactness,
 kill-during-save, dumps vs the single-device API, learning, multi-process, CLI errors.
 
-Tolerances (fixed here, not tuned per test):
+Tolerances are the constants below, fixed in one place.
 """
 
 from __future__ import annotations
@@ -218,13 +218,14 @@ def test_cli_run_contract_dumps_and_grads_match_api(tmp_path: Path, dataset) -> 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["mesh.data=3", "mesh.fsdp=1", "mesh.tensor=1"], "= 3 but 8 devices are available"),
+    (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1"], "= 4 but 8 devices are available"),
     (["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=8"], "parameter 'layers.attn.k_dkq'"),
     (["--dump-grads", "0,x"], "--dump-grads='0,x': expected comma-separated step numbers"),
     (["--dump-params", "7"], "--dump-params: steps [7] are outside [0, train.steps=3)"),
     (["--init-weights", "/nonexistent.safetensors"], "weights file not found"),
     (["train.remat=some"], "train.remat='some': allowed are"),
     (["distributed.num_processes=2"], "needs distributed.coordinator_address"),
+    (["train.attention=cudnn"], "train.attention='cudnn' needs NVIDIA GPUs"),
 ])
 def test_cli_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     r = _jaxlm("train", str(TINY), f"train.out_dir={tmp_path}", "train.steps=3", *args)
