@@ -41,6 +41,7 @@ from jaxlm.weights import hf_to_params, params_to_hf
 from lmspec import flops
 from lmspec import weights as lw
 from lmspec.config import ConfigError, ExperimentConfig, save_config
+from lmspec.data import Dataset, fingerprint
 from lmspec.io import atomic_write_json
 from lmspec.metrics import MetricsWriter
 
@@ -245,8 +246,6 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
 
     setup = build_setup(cfg)
     if dataset is None:
-        from lmspec.data import Dataset
-
         dataset = Dataset.from_config(cfg, progress=progress and main)
     batches = Batches(setup, dataset)
 
@@ -325,8 +324,6 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
             loss = float(m["loss"])
             losses[step] = loss
             global_batch = to_host(batch).reshape(-1, cfg.data.seq_len + 1)
-            from lmspec.data import fingerprint
-
             tps = tokens_per_step / dt / num_devices
             rec: dict[str, Any] = {
                 "step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
@@ -348,11 +345,9 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
                 vals = [float(eval_compiled(state["params"], batches.val(i)))
                         for i in range(t.eval_batches)]
                 rec["val_loss"] = float(np.mean(vals))
-            done = step + 1
-            if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
-                ckpts.save(done, state, {"step": done, "rng": rng_data.tolist(),
-                                         "config": cfg.to_dict()})
             if main:
+                # the record goes out before the checkpoint: a crash in between resumes
+                # from the previous checkpoint, and MetricsWriter drops the later records
                 writer.write(rec)
                 _tb_write(tb, rec)
                 if bar is not None:
@@ -360,6 +355,10 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps * num_devices:.0f}")
                 elif (step + 1) % t.log_every == 0:
                     say(f"step {step} loss {loss:.4f} tokens/s/device {tps:.0f}")
+            done = step + 1
+            if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
+                ckpts.save(done, state, {"step": done, "rng": rng_data.tolist(),
+                                         "config": cfg.to_dict()})
     finally:
         if bar is not None:
             bar.close()
