@@ -230,10 +230,12 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": step})
         dist.barrier()
         if self.rank == 0:
-            tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
-            for old in tags[: max(0, len(tags) - self.cfg.train.ckpt_keep)]:
-                if old != tag:
-                    shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+            # oldest first by write time (a --no-resume run may follow higher-step tags)
+            dirs = sorted((p for p in self.ckpt_dir.glob("step*") if p.is_dir()),
+                          key=lambda p: (p.stat().st_mtime_ns, p.name))
+            for old in dirs[: max(0, len(dirs) - self.cfg.train.ckpt_keep)]:
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
     def export_weights(self, path: str | os.PathLike) -> None:

@@ -1,0 +1,96 @@
+"""DeepSpeed config, optimizer groups and LR schedule built from ExperimentConfig."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmspec.config import load_config
+from lmspec.schedule import lr_at
+from lmspec.weights import decays
+from torchlm.cli import main
+from torchlm.ds_config import build_ds_config, build_optimizer, build_scheduler, param_groups
+from torchlm.model import Llama
+
+CONFIG = "configs/tiny.yaml"
+
+
+def test_ds_config_fields() -> None:
+    cfg = load_config(CONFIG, ["zero.stage=2", "zero.world_size=2", "train.micro_batch_size=2",
+                               "train.precision=bf16", "optim.grad_clip=0.5"])
+    conf = build_ds_config(cfg)
+    assert conf["train_batch_size"] == 8
+    assert conf["train_micro_batch_size_per_gpu"] == 2
+    assert conf["gradient_accumulation_steps"] == 2
+    assert conf["train_batch_size"] == (conf["train_micro_batch_size_per_gpu"]
+                                        * conf["gradient_accumulation_steps"] * 2)
+    assert conf["zero_optimization"]["stage"] == 2
+    assert conf["gradient_clipping"] == 0.5
+    assert conf["bf16"] == {"enabled": True}
+    assert conf["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert conf["communication_data_type"] == "fp32"
+    assert "optimizer" not in conf and "scheduler" not in conf  # passed as objects
+
+
+def test_ds_config_fp32_stage0_and_world_size_argument() -> None:
+    cfg = load_config(CONFIG, ["zero.stage=0", "optim.grad_clip=0"])
+    conf = build_ds_config(cfg, world_size=1)
+    assert conf["gradient_accumulation_steps"] == 8
+    assert conf["gradient_clipping"] == 0.0
+    assert conf["bf16"] == {"enabled": False} and "data_types" not in conf
+    # ZeRO 0 + bf16: DeepSpeed 0.19 only accepts bf16 accumulation there
+    bf = build_ds_config(load_config(CONFIG, ["zero.stage=0", "train.precision=bf16"]))
+    assert bf["data_types"] == {"grad_accum_dtype": "bf16"}
+
+
+def test_ds_config_cli_prints_json(capsys) -> None:
+    assert main(["ds-config", CONFIG, "zero.stage=3"]) == 0
+    out = capsys.readouterr().out
+    conf = json.loads(out)
+    assert conf == build_ds_config(load_config(CONFIG, ["zero.stage=3"]))
+
+
+def test_ds_config_cli_rejects_bad_stage(capsys) -> None:
+    assert main(["ds-config", CONFIG, "zero.stage=4"]) == 2
+    assert "zero.stage=4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mask", ["matrices", "all", "none"])
+def test_param_groups_follow_the_decay_mask(mask: str) -> None:
+    cfg = load_config(CONFIG, [f"optim.wd_mask={mask}"])
+    model = Llama(cfg.model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = build_optimizer(model, cfg)
+    seen = 0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            want = decays(names[id(p)], tuple(p.shape), mask)
+            assert g["weight_decay"] == (cfg.optim.weight_decay if want else 0.0)
+            seen += 1
+    assert seen == len(names)
+    assert len(param_groups(model, cfg)) == (2 if mask == "matrices" else 1)
+    d = opt.defaults
+    assert (d["betas"], d["eps"], d["amsgrad"], d["foreach"], d["fused"]) == (
+        (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps, False, False, False)
+
+
+def test_lambdalr_gives_update_s_the_rate_lr_at_s() -> None:
+    """LambdaLR applies lambda(0) at construction and DeepSpeed steps the scheduler
+    after each optimizer step: the update of step s runs with lr_at(s), bit for bit."""
+    cfg = load_config(CONFIG, ["optim.warmup_steps=3", "optim.decay_steps=7"])
+    model = Llama(load_config(CONFIG, ["model.num_hidden_layers=1"]).model)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+    for s in range(10):
+        assert all(g["lr"] == lr_at(s, cfg.optim) for g in opt.param_groups)
+        opt.step()
+        sched.step()
+    # the schedule survives a checkpoint round trip (DeepSpeed saves the state dict)
+    state = sched.state_dict()
+    opt2 = build_optimizer(model, cfg)
+    sched2 = build_scheduler(opt2, cfg)
+    sched2.load_state_dict(state)
+    assert sched2.last_epoch == 10 and sched2.get_last_lr()[0] == lr_at(10, cfg.optim)
+    assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
