@@ -224,26 +224,32 @@ def make_plots(result: Mapping[str, Any]) -> dict[str, str]:
 
     grad_pairs = [p for p in pairs if p.get("grad")]
     if grad_pairs:
-        fig, axes = plt.subplots(len(grad_pairs), 1, figsize=(11, 3.2 * len(grad_pairs)),
+        # one panel per precision, one marker series per pair (ZeRO stage)
+        precs = sorted({p.get("precision", "fp32") for p in grad_pairs})
+        fig, axes = plt.subplots(len(precs), 1, figsize=(11, 4.2 * len(precs)),
                                  squeeze=False)
-        for ax, p in zip(axes[:, 0], grad_pairs, strict=True):
-            names = list(p["grad"])
-            if p.get("precision") == "bf16":
-                vals = [1.0 - p["grad"][n]["cosine"] for n in names]
-                ylabel = "1 - cosine"
-                lim = 1.0 - _check_limit(result, "bf16.grad_cosine", 0.99)
+        for ax, prec in zip(axes[:, 0], precs, strict=True):
+            names: list[str] = []
+            for k, p in enumerate(pp for pp in grad_pairs if pp.get("precision") == prec):
+                names = list(p["grad"])
+                if prec == "bf16":
+                    vals = [1.0 - p["grad"][n]["cosine"] for n in names]
+                else:
+                    vals = [p["grad"][n]["rel_err"] for n in names]
+                ax.semilogy(range(len(names)), _positive(vals), "osd^v"[k % 5], ms=3.5,
+                            alpha=0.8, label=p["name"])
+            if prec == "bf16":
+                ylabel, lim = "1 - cosine", 1.0 - _check_limit(result, "bf16.grad_cosine", 0.99)
             else:
-                vals = [p["grad"][n]["rel_err"] for n in names]
-                ylabel = "relative L2 error"
-                lim = _check_limit(result, "fp32.grad_rel_err", None)
-            ax.semilogy(range(len(names)), _positive(vals), "o", ms=3)
+                ylabel, lim = "relative L2 error", _check_limit(result, "fp32.grad_rel_err", None)
             if lim is not None:
                 ax.axhline(lim, color="r", linestyle=":", label="limit")
-                ax.legend(fontsize=7)
+            ax.legend(fontsize=7)
             ax.set_xticks(range(len(names)))
             ax.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=6)
             ax.set_ylabel(ylabel)
-            ax.set_title(f"step-0 gradient per parameter: {p['name']}", fontsize=9)
+            ax.set_title(f"step-0 gradient per parameter, {prec}: jax vs deepspeed", fontsize=9)
+        fig.tight_layout()
         plots["grad_error"] = _png(fig)
 
     tp = result.get("throughput") or {}
