@@ -178,6 +178,7 @@ def test_zero_bf16_trains(stage, runs, reference, data, cfg) -> None:
     assert losses[-1] < losses[0] - 1.0  # the loss falls
     # a bf16 run stays near the fp32 one over 10 steps (measured ~1e-4; bf16 eps 7.8e-3)
     assert max(rel(a, b) for a, b in zip(losses, reference.losses, strict=True)) < 1e-2
+    assert [r["lr"] for r in recs] == [lr_at(s, cfg.optim) for s in range(STEPS)]
     assert [("val_loss" in r) for r in recs] == [s in (4, 9) for s in range(STEPS)]
     assert all(np.isfinite(r["val_loss"]) for r in recs if "val_loss" in r)
 

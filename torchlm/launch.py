@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,11 +86,28 @@ def _rank_of(path: Path) -> int | None:
     return None
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def launch(cfg: ExperimentConfig, worker_args: Sequence[str]) -> int:
     """Run the workers to completion; raise :class:`WorkerError` if one failed."""
     with tempfile.TemporaryDirectory(prefix="torchlm-run-") as log_dir:
         cmd = torchrun_command(cfg.zero.world_size, worker_args, log_dir)
-        rc = subprocess.call(cmd, env=_worker_env(cfg))
+        proc = subprocess.Popen(cmd, env=_worker_env(cfg))
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            rc = proc.wait()
+        except BaseException:
+            # Ctrl-C / SIGTERM: torchrun forwards SIGTERM to its workers and reaps them
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if rc == 0:
             return 0
         cause = root_cause(log_dir)
