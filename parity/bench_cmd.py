@@ -106,19 +106,23 @@ def format_bench(result: dict[str, Any]) -> list[str]:
     """The printed table; the last line is the ratio."""
     from parity.report import fmt
 
-    lines = [f"{'':8}{'devices':>18}{'tokens/s/dev':>14}{'tokens/s':>12}{'MFU':>10}"
+    lines = [f"{'':10}{'devices':>8}{'tokens/s/dev':>14}{'tokens/s':>12}{'MFU':>10}"
              f"{'step time':>12}{'peak mem/proc':>15}{'compile/start':>15}"]
+    kinds = []
     for side, name in (("jax", "JAX"), ("torch", "DeepSpeed")):
         s = result[side]
         start = s.get("compile_s", s.get("startup_s"))
         mem = s.get("peak_memory_bytes")
         lines.append(
-            f"{name:8}{str(s.get('num_devices', '-')) + ' x ' + str(s.get('device_kind', '-')):>18}"
+            f"{name:10}{str(s.get('num_devices', '-')):>8}"
             f"{fmt(s.get('tokens_per_s')):>14}{fmt(s.get('tokens_per_s_total')):>12}"
             f"{fmt(s.get('mfu')):>10}{fmt(s.get('step_time_s')) + ' s':>12}"
             f"{('-' if mem is None else f'{mem / 2**20:.0f} MiB'):>15}"
             f"{('-' if start is None else fmt(start) + ' s'):>15}"
         )
+        kinds.append(f"{name} {s.get('num_devices', '-')} x {s.get('device_kind', '-')}")
+    lines.append("devices: " + "; ".join(kinds) + f"; {result['steps']} steps per side, "
+                 "warm-up steps excluded")
     lines.append(f"JAX/DeepSpeed tokens/s per device ratio: {result['ratio']:.3f}")
     return lines
 
