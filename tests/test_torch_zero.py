@@ -165,13 +165,22 @@ def test_zero_fp32_matches_plain_torch(stage, runs, reference, data, cfg) -> Non
     assert {"torch", "deepspeed"} <= set(summary["versions"])
 
 
+def bf16_args(stage: int) -> tuple[str, ...]:
+    return (f"zero.stage={stage}", "train.precision=bf16", "train.eval_every=5",
+            "train.ckpt_every=3", "train.ckpt_keep=3", "--dump-grads", "0",
+            "--dump-params", str(STEPS - 1))
+
+
+def run_args(stage: int, precision: str) -> tuple[str, ...]:
+    return fp32_args(stage) if precision == "fp32" else bf16_args(stage)
+
+
 BF16_STAGES = [pytest.param(s, marks=pytest.mark.slow) for s in (0, 1, 2)] + [3]
 
 
 @pytest.mark.parametrize("stage", BF16_STAGES)
 def test_zero_bf16_trains(stage, runs, reference, data, cfg) -> None:
-    out = runs.get(f"zero.stage={stage}", "train.precision=bf16", "train.eval_every=5",
-                   "--dump-grads", "0", "--dump-params", str(STEPS - 1))
+    out = runs.get(*bf16_args(stage))
     recs = read_metrics(out / "metrics.jsonl")
     losses = [r["loss"] for r in recs]
     assert len(losses) == STEPS and all(np.isfinite(losses))
@@ -208,14 +217,18 @@ def test_zero_bf16_trains(stage, runs, reference, data, cfg) -> None:
     assert torch.equal(fresh.state_dict()[k], torch.from_numpy(final[k]))
 
 
-RESUME_STAGES = [pytest.param(s, marks=pytest.mark.slow) for s in (0, 1, 2)] + [3]
+RESUME_CASES = [
+    pytest.param(s, p, marks=pytest.mark.slow)
+    for p in ("fp32", "bf16") for s in (0, 1, 2, 3) if (s, p) != (3, "fp32")
+] + [(3, "fp32")]
 
 
-@pytest.mark.parametrize("stage", RESUME_STAGES)
-def test_resume_is_bitwise(stage, runs, tmp_path) -> None:
+@pytest.mark.parametrize(("stage", "precision"), RESUME_CASES)
+def test_resume_is_bitwise(stage, precision, runs, tmp_path) -> None:
     """Resume a copy of the 10-step run from its step-6 checkpoint (as if it had been
     killed after step 6): the replayed steps 6-9 must equal the original bit for bit."""
-    full = runs.get(*fp32_args(stage))
+    args = run_args(stage, precision)
+    full = runs.get(*args)
     ckpts = full / "checkpoints"
     tags = sorted(p.name for p in ckpts.glob("step*"))
     assert tags == ["step00000006", "step00000009", "step00000010"]  # ckpt_keep=3
@@ -225,8 +238,7 @@ def test_resume_is_bitwise(stage, runs, tmp_path) -> None:
     for tag in tags[1:]:
         shutil.rmtree(out / "checkpoints" / tag)
     (out / "checkpoints" / "latest").write_text(tags[0])
-    check_ok(run_train(out, f"zero.stage={stage}", "train.precision=fp32",
-                       "train.ckpt_every=3", "train.ckpt_keep=3"))
+    check_ok(run_train(out, *args[: args.index("--dump-grads")]))  # same run, no dumps
     a = read_metrics(full / "metrics.jsonl")
     b = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(STEPS))

@@ -8,6 +8,13 @@ Per optimizer step ``s`` with ``G`` accumulation steps, micro batch ``b`` and ``
 ranks, rank ``r`` reads rows ``[m*b*W + r*b, m*b*W + (r+1)*b)`` of ``lmspec``'s global
 batch for micro-step ``m``. DeepSpeed divides each micro loss by ``G`` and averages the
 gradients over ranks, so the update uses the gradient of the global-batch token mean.
+
+Per-step record (``metrics.jsonl``, rank 0): ``loss`` is that token mean (micro-step
+losses all-reduced), ``grad_norm`` the global pre-clip L2 norm, ``lr`` the rate the
+wrapped torch AdamW used for the update; ``val_loss`` (when ``train.eval_every`` > 0,
+every ``eval_every`` steps and at the last one) is the token mean over
+``train.eval_batches`` validation batches of ``global_batch_size`` windows, with the
+weights after that step's update.
 """
 
 from __future__ import annotations
@@ -353,7 +360,7 @@ class Trainer:
         cfg = self.cfg
         kept = step_times[cfg.train.warmup_steps_excluded:] or step_times
         tokens_per_step = self.gas * self.micro * self.seq_len
-        tps = statistics.fmean(tokens_per_step / s for s in kept) if kept else float("nan")
+        tps = statistics.fmean(tokens_per_step / s for s in kept) if kept else None
         peak = torch.tensor([_peak_memory(self.device)], dtype=torch.float64,
                             device=self.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the largest process
@@ -368,10 +375,10 @@ class Trainer:
             "zero_stage": cfg.zero.stage,
             "device_kind": self.device_name,
             "tokens_per_s": tps,
-            "tokens_per_s_total": tps * self.world,
+            "tokens_per_s_total": tps * self.world if tps is not None else None,
             "step_time_s": statistics.median(kept) if kept else None,
             "mfu": flops.mfu(tps, cfg.model, self.seq_len, self.device_name)
-            if math.isfinite(tps) else None,
+            if tps is not None else None,
             "startup_s": (first_step_wall - launch)
             if first_step_wall is not None and math.isfinite(launch) else None,
             "peak_memory_bytes": int(peak.item()),
