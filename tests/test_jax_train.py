@@ -50,6 +50,23 @@ def dataset():
     return Dataset.from_config(load_config(TINY), progress=False)
 
 
+REF_STEPS = 6
+REF_MESH = (2, 2, 2)
+REF_COMMON = ["train.precision=fp32", "train.micro_batch_size=1", "train.ckpt_every=3"]
+
+
+@pytest.fixture(scope="module")
+def ref_run(tmp_path_factory, dataset):
+    """One uninterrupted fp32 run of tiny on mesh (2, 2, 2): 6 steps, checkpoints at 3
+    and 6, params dumped after step 5. Shared by the invariance, resume, kill and
+    multi-process tests so each needs one training run fewer."""
+    out = tmp_path_factory.mktemp("ref")
+    cfg = _cfg(out, f"train.steps={REF_STEPS}", *REF_COMMON, *_mesh(REF_MESH))
+    res = train(cfg, dump_params=[REF_STEPS - 1], progress=False, dataset=dataset,
+                log=lambda s: None)
+    return res, out
+
+
 def _env(devices: int = 8) -> dict[str, str]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -66,15 +83,18 @@ def _jaxlm(*args: str, devices: int = 8, timeout: float = 300, **kw) -> subproce
 # ----------------------------------------------------------------------------- invariance
 
 
-def _invariance(tmp_path: Path, dataset, steps: int) -> float:
+def _invariance(tmp_path: Path, dataset, steps: int, ref_run=None) -> float:
     runs = {}
     for m in MESHES:
-        cfg = _cfg(tmp_path / "x".join(map(str, m)), f"train.steps={steps}",
-                   "train.micro_batch_size=1", "train.precision=fp32", *_mesh(m))
-        res = train(cfg, progress=False, dataset=dataset, log=lambda s: None)
+        if ref_run is not None and m == REF_MESH and steps == REF_STEPS:
+            res, out = ref_run
+        else:
+            out = tmp_path / "x".join(map(str, m))
+            cfg = _cfg(out, f"train.steps={steps}", "train.micro_batch_size=1",
+                       "train.precision=fp32", *_mesh(m))
+            res = train(cfg, progress=False, dataset=dataset, log=lambda s: None)
         runs[m] = np.array([res.losses[s] for s in range(steps)])
-        fps = [r["batch_fingerprint"] for r in read_metrics(cfg.train.out_dir + "/metrics.jsonl")]
-        runs[(m, "fp")] = fps
+        runs[(m, "fp")] = [r["batch_fingerprint"] for r in read_metrics(out / "metrics.jsonl")]
     ref = runs[MESHES[0]]
     worst = 0.0
     for m in MESHES[1:]:
@@ -86,8 +106,8 @@ def _invariance(tmp_path: Path, dataset, steps: int) -> float:
     return worst
 
 
-def test_sharding_invariance_short(tmp_path: Path, dataset) -> None:
-    assert _invariance(tmp_path, dataset, steps=5) <= INVARIANCE_RTOL
+def test_sharding_invariance_short(tmp_path: Path, dataset, ref_run) -> None:
+    assert _invariance(tmp_path, dataset, REF_STEPS, ref_run) <= INVARIANCE_RTOL
 
 
 @pytest.mark.slow
@@ -99,31 +119,38 @@ def test_sharding_invariance_20_steps(tmp_path: Path, dataset) -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_is_bitwise(tmp_path: Path, dataset, precision: str) -> None:
-    common = [f"train.precision={precision}", *_mesh((2, 2, 2)), "train.ckpt_every=3"]
-    full = train(_cfg(tmp_path / "full", "train.steps=6", *common), dump_params=[5],
-                 progress=False, dataset=dataset, log=lambda s: None)
+def test_resume_is_bitwise(tmp_path: Path, dataset, ref_run, precision: str) -> None:
+    common = [*REF_COMMON[1:], f"train.precision={precision}", *_mesh(REF_MESH)]
+    if precision == "fp32":
+        full, full_dir = ref_run
+    else:
+        full_dir = tmp_path / "full"
+        full = train(_cfg(full_dir, f"train.steps={REF_STEPS}", *common),
+                     dump_params=[REF_STEPS - 1], progress=False, dataset=dataset,
+                     log=lambda s: None)
     part = _cfg(tmp_path / "part", "train.steps=3", *common)
     first = train(part, progress=False, dataset=dataset, log=lambda s: None)
     assert first.summary["start_step"] == 0
-    rest = train(_cfg(tmp_path / "part", "train.steps=6", *common), dump_params=[5],
-                 progress=False, dataset=dataset, log=lambda s: None)
+    rest = train(_cfg(tmp_path / "part", f"train.steps={REF_STEPS}", *common),
+                 dump_params=[REF_STEPS - 1], progress=False, dataset=dataset,
+                 log=lambda s: None)
     assert rest.summary["start_step"] == 3
     assert sorted(rest.losses) == [3, 4, 5]
-    for s in range(6):
+    for s in range(REF_STEPS):
         got = first.losses[s] if s < 3 else rest.losses[s]
         assert got == full.losses[s], (s, got, full.losses[s])  # bitwise
-    a = load_safetensors(tmp_path / "full" / "dumps" / "params_step5.safetensors")
-    b = load_safetensors(tmp_path / "part" / "dumps" / "params_step5.safetensors")
+    name = f"params_step{REF_STEPS - 1}.safetensors"
+    a = load_safetensors(full_dir / "dumps" / name)
+    b = load_safetensors(tmp_path / "part" / "dumps" / name)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     recs = read_metrics(tmp_path / "part" / "metrics.jsonl")
-    assert [r["step"] for r in recs] == list(range(6))
+    assert [r["step"] for r in recs] == list(range(REF_STEPS))
 
 
-def test_kill_during_save_resumes_from_last_complete(tmp_path: Path, dataset) -> None:
+def test_kill_during_save_resumes_from_last_complete(tmp_path: Path, dataset, ref_run) -> None:
     out = tmp_path / "killed"
     args = ["train", str(TINY), f"train.out_dir={out}", "train.steps=40", "train.ckpt_every=1",
-            "train.ckpt_keep=2", *QUIET, *_mesh((2, 2, 2)), "--no-progress"]
+            "train.ckpt_keep=2", *QUIET, *_mesh(REF_MESH), "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-m", "jaxlm.cli", *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckdir = out / "checkpoints"
@@ -148,17 +175,20 @@ def test_kill_during_save_resumes_from_last_complete(tmp_path: Path, dataset) ->
     assert partial.exists()  # killed while that checkpoint was being written
     complete = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
     assert complete, "no complete checkpoint before the kill"
-    resumed = train(_cfg(out, "train.steps=6" if complete[-1] < 6 else
-                         f"train.steps={complete[-1] + 2}", *_mesh((2, 2, 2))),
-                    progress=False, dataset=dataset, log=lambda s: None)
+    # same program as the reference run (ckpt_every does not change the maths)
+    steps = max(REF_STEPS, complete[-1] + 2)
+    resumed = train(_cfg(out, f"train.steps={steps}", *_mesh(REF_MESH)), progress=False,
+                    dataset=dataset, log=lambda s: None)
     assert resumed.summary["start_step"] == complete[-1]
     assert not partial.exists()  # the incomplete save was cleaned up
-    # the resumed steps equal an uninterrupted run of the same config
     last = max(resumed.losses)
-    ref = train(_cfg(tmp_path / "ref", f"train.steps={last + 1}", *_mesh((2, 2, 2))),
-                progress=False, dataset=dataset, log=lambda s: None)
+    if steps == REF_STEPS:
+        ref = ref_run[0]
+    else:  # the kill came late: an own uninterrupted reference
+        ref = train(_cfg(tmp_path / "ref", f"train.steps={steps}", *_mesh(REF_MESH)),
+                    progress=False, dataset=dataset, log=lambda s: None)
     for s, v in resumed.losses.items():
-        assert v == ref.losses[s], s
+        assert v == ref.losses[s], s  # bitwise
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == list(range(last + 1))
 
@@ -300,9 +330,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_match_one(tmp_path: Path, dataset) -> None:
-    steps = 5
-    common = [f"train.steps={steps}", *QUIET, *_mesh((2, 2, 2)), "--no-progress"]
+def test_two_processes_match_one(tmp_path: Path, dataset, ref_run) -> None:
+    steps = REF_STEPS  # compared with the 1-process 8-device reference run
+    common = [f"train.steps={steps}", *QUIET, *REF_COMMON, *_mesh(REF_MESH), "--no-progress"]
     port = _free_port()
     procs = []
     for pid in range(2):
@@ -325,8 +355,7 @@ def test_two_processes_match_one(tmp_path: Path, dataset) -> None:
     mp = read_metrics(tmp_path / "mp" / "metrics.jsonl")
     summary = json.loads((tmp_path / "mp" / "run_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["num_devices"] == 8
-    one = train(_cfg(tmp_path / "one", f"train.steps={steps}", *_mesh((2, 2, 2))),
-                progress=False, dataset=dataset, log=lambda s: None)
+    one = ref_run[0]
     assert [r["step"] for r in mp] == list(range(steps))
     for r in mp:
         ref = one.losses[r["step"]]
