@@ -69,7 +69,7 @@ def fmt(v: Any) -> str:
         return "0"
     if abs(v) >= 1e4 or abs(v) < 1e-3:
         return f"{v:.3e}"
-    return f"{v:.4g}"
+    return f"{v:.6g}"
 
 
 def _detail(v: Any) -> str:
@@ -99,12 +99,18 @@ def _json_safe(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- markdown
 
 
+def _floor_text(c: Mapping[str, Any]) -> str:
+    """The noise floor of a check: the same statistic between two reference set-ups."""
+    f = (c.get("detail") or {}).get("floor")
+    return "-" if f is None else fmt(f)
+
+
 def checks_table_md(checks: list[Mapping[str, Any]]) -> str:
-    lines = ["| check | value | limit | result |", "|---|---|---|---|"]
+    lines = ["| check | value | limit | noise floor | result |", "|---|---|---|---|---|"]
     for c in checks:
         lines.append(
             f"| {c['name']} | {fmt(c['value'])} | {c.get('op', '<=')} {fmt(c['limit'])} | "
-            f"{'pass' if c['passed'] else '**FAIL**'} |"
+            f"{_floor_text(c)} | {'pass' if c['passed'] else '**FAIL**'} |"
         )
     return "\n".join(lines)
 
@@ -318,8 +324,8 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
             f"<li><pre>{html.escape(str(e))}</pre></li>" for e in result["errors"]) + "</ul>")
     parts.append("<h2>Checks</h2>")
     parts.append(_table_html(
-        ["check", "value", "limit", "result", "detail"],
-        [[c["name"], fmt(c["value"]), f"{c.get('op', '<=')} {fmt(c['limit'])}",
+        ["check", "value", "limit", "noise floor", "result", "detail"],
+        [[c["name"], fmt(c["value"]), f"{c.get('op', '<=')} {fmt(c['limit'])}", _floor_text(c),
           "pass" if c["passed"] else "FAIL",
           ", ".join(f"{k}={_detail(v)}" for k, v in (c.get("detail") or {}).items())]
          for c in checks],

@@ -311,6 +311,10 @@ def _nan_check(name: str, key: str, why: str) -> C.Check:
     return C.make_check(name, key, math.nan, missing=why)
 
 
+def _floor(floors: Mapping[str, float], key: str, name: str) -> dict[str, Any]:
+    return {"floor": floors[key], "floor_from": name} if key in floors else {}
+
+
 def _get(runs: Mapping[str, RunData], label: str) -> RunData | None:
     r = runs.get(label)
     return r if r is not None and r.error is None else None
@@ -347,6 +351,7 @@ def training_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray],
         # noise floor: two DeepSpeed set-ups that should agree (first vs last stage)
         floor_abs: list[float] = []
         floor_name = ""
+        floors: dict[str, float] = {}  # same statistic between two DeepSpeed set-ups
         ok_stages = [s for s in zero_stages if ds_runs[s] is not None]
         if len(ok_stages) >= 2:
             sa, sb = ok_stages[0], ok_stages[-1]
@@ -356,17 +361,20 @@ def training_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray],
             la, lb = a.series("loss", n), b.series("loss", n)
             floor_abs = C.abs_diff_series(la, lb)
             rel = C.rel_diff_series(la, lb)
+            floors["loss"] = max(rel)
             info.append({"name": f"fp32 noise floor: loss rel diff, {floor_name}",
                          "value": max(rel),
                          "note": f"worst of {n} steps (step {int(np.argmax(rel))})"})
             if a.grads0 is not None and b.grads0 is not None:
                 g = C.per_param(a.grads0, b.grads0)
                 p, v = C.worst(g, "rel_err")
+                floors["grad"] = v
                 info.append({"name": f"fp32 noise floor: grad rel err, {floor_name}",
                              "value": v, "note": f"worst parameter {p}"})
             if a.params0 is not None and b.params0 is not None:
                 u = C.per_param(C.updates(a.params0, init), C.updates(b.params0, init))
                 p, v = C.worst(u, "rel_err")
+                floors["update"] = v
                 info.append({"name": f"fp32 noise floor: update rel err, {floor_name}",
                              "value": v, "note": f"worst parameter {p}"})
         else:
@@ -393,14 +401,16 @@ def training_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray],
             gn_j, gn_d = C.global_norm(jax.grads0), C.global_norm(ds.grads0)
             checks.append(C.make_check(f"{tag}: grad rel err (worst parameter)",
                                        "fp32.grad_rel_err", v, param=p,
-                                       global_norm_jax=gn_j, global_norm_ds=gn_d))
+                                       global_norm_jax=gn_j, global_norm_ds=gn_d,
+                                       **_floor(floors, "grad", floor_name)))
             info.append({"name": f"{tag}: step-0 global grad norm rel diff",
                          "value": abs(gn_j - gn_d) / gn_d if gn_d else math.nan,
                          "note": f"from the dumps; jax {gn_j:.6g}, deepspeed {gn_d:.6g}"})
             u = C.per_param(C.updates(jax.params0, init), C.updates(ds.params0, init))
             p, v = C.worst(u, "rel_err")
             checks.append(C.make_check(f"{tag}: update rel err (worst parameter)",
-                                       "fp32.update_rel_err", v, param=p, stage=s))
+                                       "fp32.update_rel_err", v, param=p, stage=s,
+                                       **_floor(floors, "update", floor_name)))
             if optim is not None:
                 info += update_diagnosis(tag, p, jax, ds, init, optim)
             n = min(FP32_LOSS_STEPS, jax.spec.steps, ds.spec.steps)
@@ -408,7 +418,8 @@ def training_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray],
             rel = C.rel_diff_series(lj, ld)
             worst_step = int(np.argmax(rel))
             checks.append(C.make_check(f"{tag}: loss rel diff (worst of {n} steps)",
-                                       "fp32.loss_rel_diff", max(rel), step=worst_step))
+                                       "fp32.loss_rel_diff", max(rel), step=worst_step,
+                                       **_floor(floors, "loss", floor_name)))
             fingerprint_check(f"{tag}: batch fingerprint mismatches", [(jax, ds)])
             gn_rel = C.rel_diff_series(jax.series("grad_norm", n), ds.series("grad_norm", n))
             info.append({"name": f"{tag}: grad_norm rel diff (worst of {n} steps)",

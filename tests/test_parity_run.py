@@ -100,6 +100,10 @@ def test_full_run_with_fake_trainers_passes(cfg, tmp_path, capsys):
     assert 0 < names["fp32 zero1: loss rel diff (worst of 20 steps)"]["value"] < 1e-6
     assert names["bf16 zero1: gap/floor over 50 steps"]["value"] < 0.5
     assert any(i["name"].startswith("fp32 noise floor: loss rel diff") for i in res["info"])
+    # the fp32 noise floor (ZeRO-1 vs ZeRO-3) is reported next to the fp32 checks
+    loss1 = names["fp32 zero1: loss rel diff (worst of 20 steps)"]["detail"]
+    assert loss1["floor_from"] == "ds zero1 vs zero3 fp32" and 0 < loss1["floor"] < 1e-6
+    assert "floor" in names["fp32 zero3: update rel err (worst parameter)"]["detail"]
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True
