@@ -64,8 +64,14 @@ class Checkpoints:
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=False,
             )
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+        verbosity = absl_logging.get_verbosity()
+        if read_only:  # orbax warns that a read-only manager is read-only
+            absl_logging.set_verbosity(absl_logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_names=("state", "meta"))
+        finally:
+            absl_logging.set_verbosity(verbosity)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint, or None."""
