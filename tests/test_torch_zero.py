@@ -23,7 +23,7 @@ from lmspec.config import load_config
 from lmspec.data import Dataset, fingerprint
 from lmspec.metrics import read_metrics
 from lmspec.schedule import lr_at
-from lmspec.weights import init_weights, load_safetensors
+from lmspec.weights import init_weights, load_safetensors, save_safetensors
 from torchlm import api
 from torchlm.model import Llama
 from torchlm.weights import load_safetensors as load_into_model
@@ -45,6 +45,9 @@ NORM_RTOL = 1e-5  # pre-clip global grad norm, fp32
 GRAD_RTOL = 1e-5  # per-tensor ||g_zero - g_ref|| / ||g_ref|| at step 0 (same weights)
 PARAM_RTOL = 1e-5  # per tensor, after the last update
 LAUNCH_TIMEOUT = 900
+# the DeepSpeed runs start from --init-weights with this seed (the default init uses
+# train.seed=0), so a run that ignored the flag would miss the reference from step 0
+INIT_SEED = 7
 
 pytestmark = pytest.mark.multiprocess
 
@@ -76,8 +79,10 @@ def tensor_rel(a: np.ndarray, b: np.ndarray) -> float:
 class Runs:
     """Launch each (args) configuration once per test module."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, model_cfg) -> None:
         self.root = root
+        self.init_file = root / "init.safetensors"
+        save_safetensors(init_weights(model_cfg, INIT_SEED), self.init_file)
         self.cache: dict[tuple[str, ...], tuple[Path, subprocess.CompletedProcess]] = {}
 
     def get(self, *args: str) -> Path:
@@ -90,18 +95,19 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Runs:
-    return Runs(tmp_path_factory.mktemp("torchlm_runs"))
-
-
-@pytest.fixture(scope="module")
 def cfg():
     return load_config(CONFIG, BASE)
 
 
 @pytest.fixture(scope="module")
+def runs(tmp_path_factory, cfg) -> Runs:
+    return Runs(tmp_path_factory.mktemp("torchlm_runs"), cfg.model)
+
+
+@pytest.fixture(scope="module")
 def reference(cfg):
-    return reference_run(cfg, keep_grads=(0,), keep_params=(STEPS - 1,))
+    return reference_run(cfg, keep_grads=(0,), keep_params=(STEPS - 1,),
+                         weights=init_weights(cfg.model, INIT_SEED))
 
 
 @pytest.fixture(scope="module")
@@ -109,16 +115,16 @@ def data(cfg):
     return Dataset.from_config(cfg, progress=False)
 
 
-def fp32_args(stage: int) -> tuple[str, ...]:
+def fp32_args(stage: int, init_file: Path) -> tuple[str, ...]:
     # checkpoints after steps 3, 6, 9 and 10 (the end), the newest 3 kept
     return (f"zero.stage={stage}", "train.precision=fp32", "train.ckpt_every=3",
-            "train.ckpt_keep=3", "--dump-grads", f"0,{STEPS - 1}",
+            "train.ckpt_keep=3", "--init-weights", str(init_file), "--dump-grads", f"0,{STEPS - 1}",
             "--dump-params", str(STEPS - 1))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_fp32_matches_plain_torch(stage, runs, reference, data, cfg) -> None:
-    out = runs.get(*fp32_args(stage))
+    out = runs.get(*fp32_args(stage, runs.init_file))
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == list(range(STEPS))
     loss_d = [rel(r["loss"], reference.losses[i]) for i, r in enumerate(recs)]
@@ -165,14 +171,16 @@ def test_zero_fp32_matches_plain_torch(stage, runs, reference, data, cfg) -> Non
     assert {"torch", "deepspeed"} <= set(summary["versions"])
 
 
-def bf16_args(stage: int) -> tuple[str, ...]:
+def bf16_args(stage: int, init_file: Path) -> tuple[str, ...]:
     return (f"zero.stage={stage}", "train.precision=bf16", "train.eval_every=5",
-            "train.ckpt_every=3", "train.ckpt_keep=3", "--dump-grads", "0",
+            "train.ckpt_every=3", "train.ckpt_keep=3", "--init-weights", str(init_file),
+            "--dump-grads", "0",
             "--dump-params", str(STEPS - 1))
 
 
-def run_args(stage: int, precision: str) -> tuple[str, ...]:
-    return fp32_args(stage) if precision == "fp32" else bf16_args(stage)
+def run_args(stage: int, precision: str, init_file: Path) -> tuple[str, ...]:
+    make = fp32_args if precision == "fp32" else bf16_args
+    return make(stage, init_file)
 
 
 BF16_STAGES = [pytest.param(s, marks=pytest.mark.slow) for s in (0, 1, 2)] + [3]
@@ -180,7 +188,7 @@ BF16_STAGES = [pytest.param(s, marks=pytest.mark.slow) for s in (0, 1, 2)] + [3]
 
 @pytest.mark.parametrize("stage", BF16_STAGES)
 def test_zero_bf16_trains(stage, runs, reference, data, cfg) -> None:
-    out = runs.get(*bf16_args(stage))
+    out = runs.get(*bf16_args(stage, runs.init_file))
     recs = read_metrics(out / "metrics.jsonl")
     losses = [r["loss"] for r in recs]
     assert len(losses) == STEPS and all(np.isfinite(losses))
@@ -194,7 +202,7 @@ def test_zero_bf16_trains(stage, runs, reference, data, cfg) -> None:
     # step-0 gradient: DeepSpeed's bf16 gradient, accumulated in fp32 (ZeRO >= 1), equals
     # the in-process bf16 gradient summed over the same 4 micro-batches in fp32
     bf16_cfg = load_config(CONFIG, [*BASE, "train.precision=bf16"])
-    _, ref_g = api.loss_and_grads(bf16_cfg, init_weights(cfg.model, cfg.train.seed),
+    _, ref_g = api.loss_and_grads(bf16_cfg, init_weights(cfg.model, INIT_SEED),
                                   data.global_batch(0), "bf16", num_micro=4)
     g0 = load_safetensors(out / "dumps" / "grads_step0.safetensors")
     norm0 = np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for v in g0.values()))
@@ -227,7 +235,7 @@ RESUME_CASES = [
 def test_resume_is_bitwise(stage, precision, runs, tmp_path) -> None:
     """Resume a copy of the 10-step run from its step-6 checkpoint (as if it had been
     killed after step 6): the replayed steps 6-9 must equal the original bit for bit."""
-    args = run_args(stage, precision)
+    args = run_args(stage, precision, runs.init_file)
     full = runs.get(*args)
     ckpts = full / "checkpoints"
     tags = sorted(p.name for p in ckpts.glob("step*"))
@@ -253,7 +261,7 @@ def test_resume_is_bitwise(stage, precision, runs, tmp_path) -> None:
 @pytest.mark.slow
 def test_no_resume_starts_over(runs, tmp_path) -> None:
     """--no-resume ignores the checkpoints: step 0 again, metrics rewritten."""
-    full = runs.get(*fp32_args(3))
+    full = runs.get(*fp32_args(3, runs.init_file))
     out = tmp_path / "again"
     shutil.copytree(full, out, ignore=shutil.ignore_patterns("dumps"))
     check_ok(run_train(out, "zero.stage=3", "train.steps=1", "--no-resume"))
@@ -263,7 +271,7 @@ def test_no_resume_starts_over(runs, tmp_path) -> None:
     assert recs[0]["loss"] == read_metrics(full / "metrics.jsonl")[0]["loss"]
 
 
-def test_worker_failure_fails_fast_with_its_error(tmp_path) -> None:
+def test_worker_failure_fails_fast_with_its_error(tmp_path, cfg, data) -> None:
     t0 = time.perf_counter()
     proc = run_train(tmp_path / "fail", "zero.stage=1", "train.steps=4",
                      env={"TORCHLM_FAIL_AT": "1:1"}, timeout=300)
@@ -272,13 +280,19 @@ def test_worker_failure_fails_fast_with_its_error(tmp_path) -> None:
     assert last.startswith("error: training worker failed")
     assert "rank 1: RuntimeError: injected failure" in last and "at step 1" in last
     assert time.perf_counter() - t0 < 240
+    # step 0 completed first, from the default init (lmspec init, seed train.seed)
+    recs = read_metrics(tmp_path / "fail" / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [0]
+    loss0, _ = api.loss_and_grads(cfg, init_weights(cfg.model, cfg.train.seed),
+                                  data.global_batch(0), "fp32")
+    assert rel(recs[0]["loss"], loss0) <= LOSS_RTOL
 
 
 @pytest.mark.slow
-def test_world_size_one(tmp_path, reference) -> None:
+def test_world_size_one(tmp_path, reference, runs) -> None:
     out = tmp_path / "ws1"
     check_ok(run_train(out, "zero.world_size=1", "zero.stage=2", "train.steps=2",
-                       "train.micro_batch_size=4"))
+                       "train.micro_batch_size=4", "--init-weights", str(runs.init_file)))
     recs = read_metrics(out / "metrics.jsonl")
     assert len(recs) == 2
     assert max(rel(r["loss"], reference.losses[i]) for i, r in enumerate(recs)) <= LOSS_RTOL
@@ -305,3 +319,17 @@ def test_worker_rejects_a_different_launch_size(tmp_path) -> None:
     )
     assert proc.returncode == 2
     assert "error: zero.world_size=2 but 1 processes were launched" in proc.stderr
+
+
+def test_init_weights_checked_before_launch(tmp_path, capsys) -> None:
+    from torchlm.cli import main
+
+    rc = main(["train", CONFIG, f"train.out_dir={tmp_path}", "--init-weights",
+               str(tmp_path / "missing.safetensors")])
+    assert rc == 2 and "file not found" in capsys.readouterr().err
+    tied = load_config(CONFIG, ["model.tie_word_embeddings=true"])
+    save_safetensors(init_weights(tied.model, 0), tmp_path / "tied.safetensors")
+    rc = main(["train", CONFIG, f"train.out_dir={tmp_path}", "--init-weights",
+               str(tmp_path / "tied.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing keys ['lm_head.weight']" in err

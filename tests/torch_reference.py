@@ -30,11 +30,13 @@ class ReferenceRun:
 
 
 def reference_run(cfg: ExperimentConfig, keep_grads: tuple[int, ...] = (),
-                  keep_params: tuple[int, ...] = ()) -> ReferenceRun:
+                  keep_params: tuple[int, ...] = (),
+                  weights: dict[str, np.ndarray] | None = None) -> ReferenceRun:
+    """``cfg.train.steps`` steps from ``weights`` (default: lmspec init, train.seed)."""
     torch.manual_seed(0)
     data = Dataset.from_config(cfg, progress=False)
     model = Llama(cfg.model)
-    load_numpy(model, init_weights(cfg.model, cfg.train.seed))
+    load_numpy(model, init_weights(cfg.model, cfg.train.seed) if weights is None else weights)
     o = cfg.optim
     named = list(model.named_parameters())
     groups = [

@@ -42,6 +42,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print("# optimizer and lr_scheduler are passed as objects to deepspeed.initialize:",
               json.dumps(optimizer_spec(cfg)), file=sys.stderr)
         return 0
+    if args.init_weights:
+        check_weights_file(cfg, args.init_weights)
     # build the token cache once, with a progress bar, before the workers start
     from lmspec.data import Dataset
 
@@ -64,6 +66,22 @@ def _main(argv: Sequence[str] | None) -> int:
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def check_weights_file(cfg, path: str) -> None:
+    """Names and shapes of a safetensors file (header only) against the model config."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from lmspec.weights import check_names
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--init-weights: file not found: {path}")
+    with safe_open(path, framework="np") as f:
+        shapes = {k: SimpleNamespace(shape=tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    check_names(cfg.model, shapes, f"--init-weights {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
