@@ -392,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Worker entry: join the process group, train, leave."""
     parser = argparse.ArgumentParser(prog="torchlm.worker", description=__doc__.split("\n")[0])
     add_train_args(parser)
+    # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment is used
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     _fill_single_process_env()
