@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from deepspeed import DeepSpeedEngine
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_set_full_fp32_param
 
 
-def _named_params(engine) -> list[tuple[str, torch.nn.Parameter]]:
+def _named_params(engine: DeepSpeedEngine) -> list[tuple[str, torch.nn.Parameter]]:
     return list(engine.module.named_parameters())
 
 
-def _unfused_masters(engine) -> dict[int, torch.Tensor] | None:
+def _unfused_masters(engine: DeepSpeedEngine) -> dict[int, torch.Tensor] | None:
     """ZeRO 0 + bf16: module parameter id -> its fp32 master tensor."""
     opt = engine.optimizer
     if not isinstance(opt, FP16_UnfusedOptimizer):
@@ -34,7 +35,7 @@ def _unfused_masters(engine) -> dict[int, torch.Tensor] | None:
 
 
 @torch.no_grad()
-def set_master_params(engine, weights: dict[str, np.ndarray]) -> None:
+def set_master_params(engine: DeepSpeedEngine, weights: dict[str, np.ndarray]) -> None:
     """Make the fp32 masters exactly ``weights`` (every rank passes the full arrays).
 
     In bf16 DeepSpeed builds its fp32 masters from the module after casting it to bf16,
@@ -59,7 +60,7 @@ def set_master_params(engine, weights: dict[str, np.ndarray]) -> None:
         engine.optimizer.optimizer.state.clear()  # undo the construction-time dummy step
 
 
-def full_grads(engine) -> dict[str, np.ndarray]:
+def full_grads(engine: DeepSpeedEngine) -> dict[str, np.ndarray]:
     """The accumulated fp32 gradient of every parameter, HF names.
 
     Call after the backward of the last micro-step of an optimizer step and before the
@@ -76,7 +77,7 @@ def full_grads(engine) -> dict[str, np.ndarray]:
     return out
 
 
-def full_params(engine) -> dict[str, np.ndarray]:
+def full_params(engine: DeepSpeedEngine) -> dict[str, np.ndarray]:
     """The fp32 master weights, HF names (consolidated for every ZeRO stage)."""
     out: dict[str, np.ndarray] = {}
     masters = _unfused_masters(engine)

@@ -281,7 +281,7 @@ class Trainer:
         step_times: list[float] = []
         first_step_wall = None
         bar = tqdm(total=t.steps, initial=start, disable=self.rank != 0, desc="torchlm train",
-                   unit="step", dynamic_ncols=True)
+                   unit="step", dynamic_ncols=True, mininterval=1.0)
         for step in range(start, t.steps):
             if fail_at == f"{self.rank}:{step}":
                 raise RuntimeError(f"injected failure ({FAIL_ENV}) on rank {self.rank} at "
