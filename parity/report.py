@@ -214,18 +214,29 @@ def make_plots(result: Mapping[str, Any]) -> dict[str, str]:
         plots["loss_curves"] = _png(fig)
 
     if pairs:
-        fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 3.8), squeeze=False)
-        for ax, p in zip(axes[0], pairs, strict=True):
+        ncols = min(3, len(pairs))
+        nrows = -(-len(pairs) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.8 * nrows),
+                                 squeeze=False)
+        for ax in axes.ravel()[len(pairs):]:
+            ax.set_visible(False)
+        for ax, p in zip(axes.ravel(), pairs, strict=False):
             d = p.get("loss_abs_diff") or []
             ax.semilogy(range(len(d)), _positive(d), "o-", ms=3, label="|jax - deepspeed|")
             f = p.get("floor_abs_diff") or []
             if f:
                 ax.semilogy(range(len(f)), _positive(f), "s--", ms=3, alpha=0.7,
                             label=f"noise floor: {p.get('floor_name', '')}")
+            if p.get("precision") == "bf16" and d and f:
+                # the judged statistic: RMS over the steps of each series
+                for vals, color in ((d, "tab:blue"), (f, "tab:orange")):
+                    rms = math.sqrt(sum(x * x for x in vals) / len(vals))
+                    ax.axhline(rms, color=color, linestyle=":", linewidth=1)
             ax.set_title(p["name"], fontsize=9)
             ax.set_xlabel("step")
-            ax.set_ylabel("|loss difference|")
+            ax.set_ylabel("|loss difference| (exact 0 drawn at 1e-12)", fontsize=8)
             ax.legend(fontsize=7)
+        fig.tight_layout()
         plots["loss_diff"] = _png(fig)
 
     grad_pairs = [p for p in pairs if p.get("grad")]
