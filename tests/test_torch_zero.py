@@ -25,6 +25,7 @@ from lmspec.metrics import read_metrics
 from lmspec.schedule import lr_at
 from lmspec.weights import init_weights, load_safetensors, save_safetensors
 from torchlm import api
+from torchlm.export import checkpoint_weights
 from torchlm.model import Llama
 from torchlm.weights import load_safetensors as load_into_model
 
@@ -157,6 +158,9 @@ def test_zero_fp32_matches_plain_torch(stage, runs, reference, data, cfg) -> Non
     assert worst_p <= PARAM_RTOL
     final = load_safetensors(out / "model.safetensors")
     assert all(np.array_equal(final[k], p_last[k]) for k in p_last)
+    # offline export of the last checkpoint (torchlm export) gives the same fp32 weights
+    exported = checkpoint_weights(out)
+    assert all(np.array_equal(exported[k], p_last[k]) for k in p_last)
 
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:08d}"
     saved = load_config(out / "config.yaml")
@@ -223,6 +227,8 @@ def test_zero_bf16_trains(stage, runs, reference, data, cfg) -> None:
     fresh = Llama(cfg.model)
     load_into_model(fresh, out / "model.safetensors")
     assert torch.equal(fresh.state_dict()[k], torch.from_numpy(final[k]))
+    exported = checkpoint_weights(out)  # offline, from the step-10 checkpoint
+    assert all(np.array_equal(exported[k], final[k]) for k in final)
 
 
 RESUME_CASES = [
@@ -333,3 +339,16 @@ def test_init_weights_checked_before_launch(tmp_path, capsys) -> None:
                str(tmp_path / "tied.safetensors")])
     err = capsys.readouterr().err
     assert rc == 2 and "missing keys ['lm_head.weight']" in err
+
+
+def test_export_cli(runs, tmp_path, capsys) -> None:
+    from torchlm.cli import main
+
+    out = runs.get(*fp32_args(3, runs.init_file))
+    assert main(["export", str(out), "--tag", "step00000009",
+                 "--output", str(tmp_path / "w9.safetensors")]) == 0
+    w9 = load_safetensors(tmp_path / "w9.safetensors")
+    w10 = load_safetensors(out / "model.safetensors")
+    assert set(w9) == set(w10) and any(not np.array_equal(w9[k], w10[k]) for k in w10)
+    assert main(["export", str(out), "--tag", "step00000001"]) == 2
+    assert "no checkpoint step00000001" in capsys.readouterr().err

@@ -1,8 +1,9 @@
-"""``torchlm`` command line: ``train`` (DeepSpeed ZeRO workers) and ``ds-config``.
+"""``torchlm`` command line: ``train`` (DeepSpeed ZeRO workers), ``ds-config``, ``export``.
 
     torchlm train CONFIG [k=v ...] [--init-weights FILE] [--dump-grads STEPS]
                   [--dump-params STEPS] [--no-resume]
     torchlm ds-config CONFIG [k=v ...]
+    torchlm export OUT_DIR [--tag TAG] [--output FILE]
 """
 
 from __future__ import annotations
@@ -28,11 +29,17 @@ def _parser() -> argparse.ArgumentParser:
     add_train_args(train)
     ds = sub.add_parser("ds-config", help="print the DeepSpeed config JSON of a config")
     add_config_args(ds)
+    ex = sub.add_parser("export", help="write a checkpoint's fp32 weights as HF safetensors")
+    ex.add_argument("out_dir", help="a torchlm train out_dir (holds config.yaml, checkpoints/)")
+    ex.add_argument("--tag", help="checkpoint tag, e.g. step00000100 (default: latest)")
+    ex.add_argument("--output", help="file to write (default: OUT_DIR/export_<tag>.safetensors)")
     return parser
 
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "export":
+        return _export(args)
     cfg = config_from_args(args)
     if args.command == "ds-config":
         from torchlm.ds_config import build_ds_config, optimizer_spec
@@ -66,6 +73,19 @@ def _main(argv: Sequence[str] | None) -> int:
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lmspec.weights import save_safetensors
+    from torchlm.export import checkpoint_weights
+    from torchlm.trainer import latest_checkpoint
+
+    tag = args.tag or latest_checkpoint(args.out_dir)
+    weights = checkpoint_weights(args.out_dir, tag)
+    path = args.output or f"{args.out_dir}/export_{tag}.safetensors"
+    save_safetensors(weights, path)
+    print(f"wrote {path} ({len(weights)} tensors, fp32)")
+    return 0
 
 
 def check_weights_file(cfg, path: str) -> None:
