@@ -270,7 +270,8 @@ def test_no_resume_starts_over(runs, tmp_path) -> None:
     full = runs.get(*fp32_args(3, runs.init_file))
     out = tmp_path / "again"
     shutil.copytree(full, out, ignore=shutil.ignore_patterns("dumps"))
-    check_ok(run_train(out, "zero.stage=3", "train.steps=1", "--no-resume"))
+    check_ok(run_train(out, "zero.stage=3", "train.steps=1", "--no-resume",
+                       "--init-weights", str(runs.init_file)))
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [0]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000001"
