@@ -13,9 +13,11 @@ a mesh and a rules table. No mesh axis names appear here.
 Numerics follow Hugging Face ``LlamaForCausalLM`` (and ``ARCHITECTURE.md``): RMSNorm
 statistics in fp32, half-split rotary embeddings (``rotate_half``), grouped-query
 attention where query head ``h`` reads key/value head ``h // (H / K)``, causal softmax in
-fp32, SwiGLU MLP, logits cast to fp32. Parameters are stored in fp32; every weight is
-cast to the compute dtype where it is used (a no-op when the caller already cast them,
-as the trainer does once per micro-batch, mirroring DeepSpeed's bf16 mode).
+fp32, SwiGLU MLP, logits cast to fp32. Matmuls go through :func:`jaxlm.dot.einsum`
+(blocked fp32 accumulation on CPU; plain ``jnp.einsum`` elsewhere). Parameters are
+stored in fp32; every weight is cast to the compute dtype where it is used (a no-op when
+the caller already cast them, as the trainer does once per micro-batch, mirroring
+DeepSpeed's bf16 mode).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm import dot
 from jaxlm.sharding import constrain
 from lmspec.config import ModelConfig
 
@@ -110,9 +113,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dt = self.dtype
-        q_bthq = jnp.einsum("btd,dhq->bthq", x_btd, self.q_dhq[...].astype(dt))
-        k_btkq = jnp.einsum("btd,dkq->btkq", x_btd, self.k_dkq[...].astype(dt))
-        v_btkq = jnp.einsum("btd,dkq->btkq", x_btd, self.v_dkq[...].astype(dt))
+        q_bthq = dot.einsum("btd,dhq->bthq", x_btd, self.q_dhq[...].astype(dt))
+        k_btkq = dot.einsum("btd,dkq->btkq", x_btd, self.k_dkq[...].astype(dt))
+        v_btkq = dot.einsum("btd,dkq->btkq", x_btd, self.v_dkq[...].astype(dt))
         q_bthq = constrain(q_bthq, ACT_BTHQ)
         k_btkq = constrain(k_btkq, ACT_BTKQ)
         v_btkq = constrain(v_btkq, ACT_BTKQ)
@@ -126,7 +129,7 @@ class Attention(nnx.Module):
             q_bthq, k_btkq, v_btkq, is_causal=True, implementation=impl
         )
         o_bthq = constrain(o_bthq, ACT_BTHQ)
-        return jnp.einsum("bthq,hqd->btd", o_bthq, self.o_hqd[...].astype(dt))
+        return dot.einsum("bthq,hqd->btd", o_bthq, self.o_hqd[...].astype(dt))
 
 
 class MLP(nnx.Module):
@@ -141,14 +144,14 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dt = self.dtype
-        g_btf = x_btd @ self.gate_df[...].astype(dt)
-        u_btf = x_btd @ self.up_df[...].astype(dt)
+        g_btf = dot.einsum("btd,df->btf", x_btd, self.gate_df[...].astype(dt))
+        u_btf = dot.einsum("btd,df->btf", x_btd, self.up_df[...].astype(dt))
         # silu in fp32, rounded once: torch's bf16 silu kernel does exactly this, while
         # jax.nn.silu on bf16 rounds sigmoid(x) before the multiply (a second rounding
         # that differed from torch in ~38% of elements; found by the parity harness)
         s_btf = jax.nn.silu(g_btf.astype(jnp.float32)).astype(g_btf.dtype)
         h_btf = constrain(s_btf * u_btf, ACT_BTF)
-        return h_btf @ self.down_fd[...].astype(dt)
+        return dot.einsum("btf,fd->btd", h_btf, self.down_fd[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -244,7 +247,7 @@ class Llama(nnx.Module):
             head_dv = self.embed_vd[...].astype(dt).T
         else:
             head_dv = self.lm_head_dv[...].astype(dt)
-        logits_btv = constrain(x_btd @ head_dv, ACT_BTV)
+        logits_btv = constrain(dot.einsum("btd,dv->btv", x_btd, head_dv), ACT_BTV)
         return logits_btv.astype(jnp.float32)
 
 
