@@ -137,3 +137,22 @@ def test_bad_inputs_raise() -> None:
         api.logits(cfg, w, np.zeros((2, 3), np.float32), "fp32")
     with pytest.raises(ValueError, match="num_micro"):
         api.loss_and_grads(cfg, w, np.zeros((3, 5), np.int32), "fp32", num_micro=2)
+
+
+def test_float64_model_computes_in_float64() -> None:
+    """The harness's float64 truth casts the module to double: no step may drop to fp32
+    (RMSNorm statistics, logits and loss only promote bf16 up to fp32)."""
+    cfg = small_cfg()
+    w = random_weights(cfg)
+    win = np.random.default_rng(2).integers(0, cfg.model.vocab_size, (2, 33), dtype=np.int64)
+    m32 = api.build_model(cfg.model, w)
+    m64 = api.build_model(cfg.model, w).double()
+    norm_in = torch.randn(2, 5, cfg.model.hidden_size, dtype=torch.float64)
+    assert m64.model.norm(norm_in).dtype == torch.float64
+    logits64 = m64(torch.from_numpy(win[:, :-1]))
+    loss64 = m64.loss(torch.from_numpy(win))
+    assert logits64.dtype == torch.float64 and loss64.dtype == torch.float64
+    # fp32 and float64 agree to fp32 rounding, and are not bitwise equal
+    loss32 = m32.loss(torch.from_numpy(win))
+    diff = abs(float(loss32.detach()) - float(loss64.detach()))
+    assert 0 < diff <= 1e-5 * float(loss64.detach())

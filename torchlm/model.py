@@ -23,6 +23,11 @@ from lmspec.config import ModelConfig
 from lmspec.weights import INIT_STD
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for bf16/fp32 inputs; float64 stays float64 (the harness's float64 truth)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, HF order: normalise in fp32, cast back, then scale."""
 
@@ -32,7 +37,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x_btd: torch.Tensor) -> torch.Tensor:
-        x32_btd = x_btd.float()
+        x32_btd = _at_least_fp32(x_btd)
         var_bt1 = x32_btd.pow(2).mean(-1, keepdim=True)
         y_btd = x32_btd * torch.rsqrt(var_bt1 + self.eps)
         return self.weight * y_btd.to(x_btd.dtype)
@@ -171,7 +176,7 @@ class Llama(nn.Module):
             logits_btv = F.linear(x_btd, body.embed_tokens.weight)
         else:
             logits_btv = self.lm_head(x_btd)
-        return logits_btv.float()
+        return _at_least_fp32(logits_btv)
 
     def loss(self, windows_bt1: torch.Tensor) -> torch.Tensor:
         """Token-mean cross-entropy (fp32) of windows (B, T+1): predict w[:, 1:] from
@@ -182,5 +187,6 @@ class Llama(nn.Module):
 def token_loss(logits_btv: torch.Tensor, targets_bt: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over all B*T tokens, log-softmax in fp32."""
     return F.cross_entropy(
-        logits_btv.float().reshape(-1, logits_btv.shape[-1]), targets_bt.reshape(-1).long()
+        _at_least_fp32(logits_btv).reshape(-1, logits_btv.shape[-1]),
+        targets_bt.reshape(-1).long(),
     )
