@@ -251,7 +251,6 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     if not resume and main and (out / "checkpoints").exists():
         say(f"--no-resume: removing old checkpoints in {out / 'checkpoints'}")
         shutil.rmtree(out / "checkpoints")
@@ -263,13 +262,25 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
     start = 0
     latest = ckpts.latest_step() if resume else None
     if latest is not None:
-        state, meta = ckpts.restore(latest, setup.abstract_state)
+        where = ckpts.directory / str(latest)
+        _check_resumable(cfg, ckpts.read_meta(latest).get("config"), where)
+        try:
+            state, meta = ckpts.restore(latest, setup.abstract_state)
+        except (ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"cannot resume from {where}: its state does not fit this config ({first}); "
+                "pass --no-resume to start over or choose another train.out_dir"
+            ) from e
         start = int(meta["step"])
         say(f"resumed from {ckpts.directory / str(latest)} (step {start})")
         if init_tensors is not None:
             say("note: --init-weights ignored, the checkpoint's weights are used")
     else:
         state = init_state(setup, init_tensors)
+    if main:
+        # only now: a refused resume must not overwrite the earlier run's config
+        save_config(cfg, out / "config.yaml")
     rng_data = rng_key_data(t.seed)
 
     want_grads = bool(dump_grads)
@@ -395,6 +406,26 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
     if main:
         atomic_write_json(out / "run_summary.json", summary)
     return TrainResult(summary=summary, losses=losses)
+
+
+def _check_resumable(cfg: ExperimentConfig, saved: dict[str, Any] | None, where: Path) -> None:
+    """Refuse, naming the keys, to resume a checkpoint written for another model shape or
+    layer layout (its arrays would not fit this config's state)."""
+    if not saved:
+        return
+    now = cfg.to_dict()
+    diffs = [f"model.{k}: checkpoint {v!r}, config {now['model'].get(k)!r}"
+             for k, v in saved.get("model", {}).items() if now["model"].get(k) != v]
+    old_scan = saved.get("train", {}).get("scan_layers", cfg.train.scan_layers)
+    if old_scan != cfg.train.scan_layers:
+        diffs.append(f"train.scan_layers: checkpoint {old_scan!r}, "
+                     f"config {cfg.train.scan_layers!r}")
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {where}: it was written with a different config ("
+            + "; ".join(diffs) + "); pass --no-resume to start over or choose another "
+            "train.out_dir"
+        )
 
 
 def _batch_struct(setup: Setup) -> jax.ShapeDtypeStruct:

@@ -363,3 +363,23 @@ def test_two_processes_match_one(tmp_path: Path, dataset, ref_run) -> None:
         assert r["batch_fingerprint"] == __import__("lmspec.data").data.fingerprint(
             dataset.global_batch(r["step"]))
     assert (tmp_path / "mp" / "checkpoints" / str(steps)).is_dir()
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path: Path, dataset, ref_run) -> None:
+    """A run dir holding checkpoints of another model or layer layout: a clear error naming
+    the keys, exit 2, and the earlier run's config.yaml left as it was."""
+    import shutil
+
+    _, ref_out = ref_run
+    out = tmp_path / "other"
+    shutil.copytree(ref_out, out)
+    before = (out / "config.yaml").read_bytes()
+    proc = _jaxlm("train", str(TINY), f"train.out_dir={out}", "model.num_hidden_layers=2",
+                  "train.steps=8", *QUIET, *_mesh(REF_MESH), "--no-progress")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.num_hidden_layers: checkpoint 4, config 2" in proc.stderr
+    assert "--no-resume" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(ValueError, match="train.scan_layers: checkpoint True, config False"):
+        train(_cfg(out, "train.steps=8", "train.scan_layers=false", *_mesh(REF_MESH)),
+              progress=False, dataset=dataset, log=lambda s: None)
+    assert (out / "config.yaml").read_bytes() == before
