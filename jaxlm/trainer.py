@@ -40,7 +40,7 @@ from jaxlm.step import make_eval_step, make_optimizer, make_train_step
 from jaxlm.weights import hf_to_params, params_to_hf
 from lmspec import flops
 from lmspec import weights as lw
-from lmspec.config import ConfigError, ExperimentConfig, save_config
+from lmspec.config import ConfigError, ExperimentConfig, resume_mismatches, save_config
 from lmspec.data import Dataset, fingerprint
 from lmspec.io import atomic_write_json
 from lmspec.metrics import MetricsWriter
@@ -411,15 +411,7 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
 def _check_resumable(cfg: ExperimentConfig, saved: dict[str, Any] | None, where: Path) -> None:
     """Refuse, naming the keys, to resume a checkpoint written for another model shape or
     layer layout (its arrays would not fit this config's state)."""
-    if not saved:
-        return
-    now = cfg.to_dict()
-    diffs = [f"model.{k}: checkpoint {v!r}, config {now['model'].get(k)!r}"
-             for k, v in saved.get("model", {}).items() if now["model"].get(k) != v]
-    old_scan = saved.get("train", {}).get("scan_layers", cfg.train.scan_layers)
-    if old_scan != cfg.train.scan_layers:
-        diffs.append(f"train.scan_layers: checkpoint {old_scan!r}, "
-                     f"config {cfg.train.scan_layers!r}")
+    diffs = resume_mismatches(saved, cfg, ("model", "train.scan_layers"))
     if diffs:
         raise ValueError(
             f"cannot resume from {where}: it was written with a different config ("

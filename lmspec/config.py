@@ -574,3 +574,26 @@ def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
     from lmspec.io import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def resume_mismatches(saved: dict[str, Any] | None, cfg: ExperimentConfig,
+                      keys: tuple[str, ...]) -> list[str]:
+    """``"key: checkpoint X, config Y"`` for each dotted key (or every key of a named
+    section) where a run's saved config differs from ``cfg``; resuming across such a
+    difference cannot work (the saved state has other shapes or another layout)."""
+    if not saved:
+        return []
+    now = cfg.to_dict()
+    out = []
+    for key in keys:
+        old_node: Any = saved
+        new_node: Any = now
+        for part in key.split("."):
+            old_node = old_node.get(part) if isinstance(old_node, dict) else None
+            new_node = new_node.get(part) if isinstance(new_node, dict) else None
+        if isinstance(new_node, dict):
+            pairs = [(f"{key}.{k}", (old_node or {}).get(k, v), v) for k, v in new_node.items()]
+        else:
+            pairs = [(key, new_node if old_node is None else old_node, new_node)]
+        out += [f"{k}: checkpoint {o!r}, config {n!r}" for k, o, n in pairs if o != n]
+    return out

@@ -311,3 +311,19 @@ def test_from_dict_defaults_and_override_syntax():
         from_dict({}, ["=3"])
     with pytest.raises(ConfigError, match="'train' is a section"):
         from_dict({}, ["train=3"])
+
+
+def test_resume_mismatches_names_changed_keys() -> None:
+    from lmspec.config import resume_mismatches
+
+    cfg = load_config(TINY)
+    saved = cfg.to_dict()
+    assert resume_mismatches(saved, cfg, ("model", "zero.stage")) == []
+    assert resume_mismatches(None, cfg, ("model",)) == []
+    saved["model"]["hidden_size"] = 128
+    saved["zero"]["stage"] = 3
+    saved["train"]["steps"] = 5  # not asked about: ignored
+    assert resume_mismatches(saved, cfg, ("model", "zero.stage")) == [
+        "model.hidden_size: checkpoint 128, config 256",
+        "zero.stage: checkpoint 3, config 1",
+    ]

@@ -94,3 +94,23 @@ def test_lambdalr_gives_update_s_the_rate_lr_at_s() -> None:
     sched2.load_state_dict(state)
     assert sched2.last_epoch == 10 and sched2.get_last_lr()[0] == lr_at(10, cfg.optim)
     assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
+
+
+def test_train_refuses_to_resume_a_checkpoint_of_another_config(tmp_path, capsys) -> None:
+    """Checked before any worker starts: exit 2 naming the keys, the run dir untouched."""
+    from lmspec.config import load_config, save_config
+    from torchlm.cli import main
+
+    out = tmp_path / "run"
+    save_config(load_config("configs/tiny.yaml", ["zero.stage=3"]), out / "config.yaml")
+    (out / "checkpoints" / "step00000004").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step00000004")
+    before = (out / "config.yaml").read_bytes()
+    rc = main(["train", "configs/tiny.yaml", f"train.out_dir={out}", "zero.stage=1",
+               "model.num_hidden_layers=2"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "model.num_hidden_layers: checkpoint 4, config 2" in err
+    assert "zero.stage: checkpoint 3, config 1" in err
+    assert (out / "config.yaml").read_bytes() == before
+    assert not (out / "metrics.jsonl").exists()

@@ -12,8 +12,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lmspec.cli import add_config_args, config_from_args, run
+from lmspec.config import ExperimentConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +53,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.init_weights:
         check_weights_file(cfg, args.init_weights)
+    if not args.no_resume:
+        _check_resumable(cfg)
     # build the token cache once, with a progress bar, before the workers start
     from lmspec.data import Dataset
 
@@ -73,6 +77,27 @@ def _main(argv: Sequence[str] | None) -> int:
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _check_resumable(cfg: ExperimentConfig) -> None:
+    """Before any worker starts: refuse, naming the keys, to resume a checkpoint written
+    for another model shape or ZeRO layout (DeepSpeed could not load it)."""
+    import yaml
+
+    from lmspec.config import resume_mismatches
+    from torchlm.trainer import latest_checkpoint
+
+    out = Path(cfg.train.out_dir)
+    if not latest_checkpoint(out) or not (out / "config.yaml").is_file():
+        return
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    diffs = resume_mismatches(saved, cfg, ("model", "zero.stage", "zero.world_size"))
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {out}: its checkpoint was written with a different config ("
+            + "; ".join(diffs) + "); pass --no-resume to start over or choose another "
+            "train.out_dir"
+        )
 
 
 def _export(args: argparse.Namespace) -> int:
