@@ -6,7 +6,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 . scripts/setup.sh
 args=("$@")
-if [ ${#args[@]} -eq 0 ]; then args=(-m "not slow and not gpu"); fi
+if [ ${#args[@]} -eq 0 ]; then
+  args=(-m "not slow and not gpu")
+  ruff check .   # lint first: cheap, and a style slip should not wait for the slow part
+fi
 set +e
 python -m pytest "${args[@]}"
 rc=$?
