@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -460,8 +459,6 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, full)
-        elif isinstance(tp, types.UnionType):  # pragma: no cover - not used yet
-            kwargs[key] = value
         else:
             kwargs[key] = _coerce(full, value, tp)
     return cls(**kwargs)
