@@ -5,6 +5,9 @@ Run it under a launcher (``torchrun --nproc_per_node N -m torchlm.worker ...`` o
 does the launching for you.
 """
 
+import os
+import sys
+
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from lmspec.cli import run
@@ -17,4 +20,12 @@ def _entry() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_entry())
+    rc = _entry()
+    # Leave without interpreter teardown. On CPU a native background thread (gloo /
+    # DeepSpeed) still joinable at static destruction sometimes aborts a finished worker
+    # ("terminate called without an active exception", seen once in ~50 launches here),
+    # which would turn a complete run into a failure. Every output is written atomically
+    # and the process group is destroyed by now; only the streams need flushing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
