@@ -40,7 +40,7 @@ from jaxlm.step import make_eval_step, make_optimizer, make_train_step
 from jaxlm.weights import hf_to_params, params_to_hf
 from lmspec import flops
 from lmspec import weights as lw
-from lmspec.config import ConfigError, ExperimentConfig, resume_mismatches, save_config
+from lmspec.config import ConfigError, ExperimentConfig, check_resumable, save_config
 from lmspec.data import Dataset, fingerprint
 from lmspec.io import atomic_write_json
 from lmspec.metrics import MetricsWriter
@@ -263,7 +263,8 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
     latest = ckpts.latest_step() if resume else None
     if latest is not None:
         where = ckpts.directory / str(latest)
-        _check_resumable(cfg, ckpts.read_meta(latest).get("config"), where)
+        check_resumable(ckpts.read_meta(latest).get("config"), cfg, ("model", "train.scan_layers"),
+                        where)
         try:
             state, meta = ckpts.restore(latest, setup.abstract_state)
         except (ValueError, KeyError, TypeError) as e:
@@ -406,18 +407,6 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
     if main:
         atomic_write_json(out / "run_summary.json", summary)
     return TrainResult(summary=summary, losses=losses)
-
-
-def _check_resumable(cfg: ExperimentConfig, saved: dict[str, Any] | None, where: Path) -> None:
-    """Refuse, naming the keys, to resume a checkpoint written for another model shape or
-    layer layout (its arrays would not fit this config's state)."""
-    diffs = resume_mismatches(saved, cfg, ("model", "train.scan_layers"))
-    if diffs:
-        raise ValueError(
-            f"cannot resume from {where}: it was written with a different config ("
-            + "; ".join(diffs) + "); pass --no-resume to start over or choose another "
-            "train.out_dir"
-        )
 
 
 def _batch_struct(setup: Setup) -> jax.ShapeDtypeStruct:

@@ -594,3 +594,16 @@ def resume_mismatches(saved: dict[str, Any] | None, cfg: ExperimentConfig,
             pairs = [(key, new_node if old_node is None else old_node, new_node)]
         out += [f"{k}: checkpoint {o!r}, config {n!r}" for k, o, n in pairs if o != n]
     return out
+
+
+def check_resumable(saved: dict[str, Any] | None, cfg: ExperimentConfig,
+                    keys: tuple[str, ...], where: str | os.PathLike) -> None:
+    """Raise :class:`ConfigError` naming every key of :func:`resume_mismatches`, so a run
+    refuses to resume state it cannot load, before it writes anything."""
+    diffs = resume_mismatches(saved, cfg, keys)
+    if diffs:
+        raise ConfigError(
+            f"cannot resume from {where}: it was written with a different config ("
+            + "; ".join(diffs) + "); pass --no-resume to start over or choose another "
+            "train.out_dir"
+        )

@@ -84,20 +84,14 @@ def _check_resumable(cfg: ExperimentConfig) -> None:
     for another model shape or ZeRO layout (DeepSpeed could not load it)."""
     import yaml
 
-    from lmspec.config import resume_mismatches
+    from lmspec.config import check_resumable
     from torchlm.trainer import latest_checkpoint
 
     out = Path(cfg.train.out_dir)
     if not latest_checkpoint(out) or not (out / "config.yaml").is_file():
         return
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    diffs = resume_mismatches(saved, cfg, ("model", "zero.stage", "zero.world_size"))
-    if diffs:
-        raise ValueError(
-            f"cannot resume from {out}: its checkpoint was written with a different config ("
-            + "; ".join(diffs) + "); pass --no-resume to start over or choose another "
-            "train.out_dir"
-        )
+    check_resumable(saved, cfg, ("model", "zero.stage", "zero.world_size"), out)
 
 
 def _export(args: argparse.Namespace) -> int:
