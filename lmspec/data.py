@@ -49,7 +49,8 @@ TOKENIZER_FILE = "tokenizer.json"
 PROGRESS_BYTES = 4 << 20
 SOURCE_KINDS = ("stdlib", "text", "dir", "glob", "jsonl", "tokens")
 
-__all__ = ["Dataset", "fingerprint", "build_token_cache", "read_corpus", "Corpus"]
+__all__ = ["Dataset", "fingerprint", "row_digests", "combine_row_digests",
+           "batch_fingerprint", "build_token_cache", "read_corpus", "Corpus"]
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -75,6 +76,40 @@ def fingerprint(array: Any) -> str:
     h.update(f"{kind}:{a.shape}:".encode())
     h.update(np.ascontiguousarray(canon).tobytes())
     return h.hexdigest()[:16]
+
+
+def row_digests(rows: Any) -> np.ndarray:
+    """One 64-bit digest per token row (the last axis is the row), as ``uint64``.
+
+    Each side of a parity run hashes the rows it actually fed to the model (per rank or
+    device and micro-step), gathers these digests in global row order and logs
+    :func:`combine_row_digests` of them: a row fed twice, skipped or shifted on one rank
+    changes the logged fingerprint. Values are hashed as little-endian int64, so int32 and
+    int64 copies of a row agree.
+    """
+    a = np.asarray(rows)
+    if a.dtype.kind not in "biu":
+        raise TypeError(f"row_digests: expected integer token rows, got dtype {a.dtype}")
+    a = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).astype("<i8"))
+    out = np.empty(a.shape[0], dtype=np.uint64)
+    for i, row in enumerate(a):
+        out[i] = int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")
+    return out
+
+
+def combine_row_digests(digests: Any) -> str:
+    """16 hex chars for a global batch given its rows' :func:`row_digests` in global row
+    order (micro-step major, then rank or device, then row)."""
+    d = np.ascontiguousarray(np.asarray(digests, dtype=np.uint64).reshape(-1)).astype("<u8")
+    h = hashlib.sha256(f"rows:{d.shape[0]}:".encode())
+    h.update(d.tobytes())
+    return h.hexdigest()[:16]
+
+
+def batch_fingerprint(global_batch: Any) -> str:
+    """The fingerprint a trainer logs for ``global_batch`` (rows in global order):
+    ``combine_row_digests(row_digests(global_batch))``."""
+    return combine_row_digests(row_digests(global_batch))
 
 
 # ----------------------------------------------------------------------------- sources
