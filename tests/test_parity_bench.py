@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_cmd(side: str) -> list[str]:
-    return [sys.executable, "-m", "parity.fake_trainer", side]
+    return [sys.executable, str(Path(__file__).with_name("fake_trainer.py")), side]
 
 
 def test_bench_ratio_is_last_line(tmp_path):

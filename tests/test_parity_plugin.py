@@ -1,6 +1,6 @@
 """The pytest plugin: marker and option registered, the run_parity fixture passes and fails
 cases with their numbers, reports kept with --parity-report-dir, summary table printed.
-Cases run the harness with the contract-keeping stand-in trainer (parity.fake_trainer)."""
+Cases run the harness with the contract-keeping stand-in trainer (tests/fake_trainer.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ CASES = '''
 import sys
 import pytest
 
-FAKE = lambda side: [sys.executable, "-m", "parity.fake_trainer", side]
+FAKE = lambda side: [sys.executable, "{fake}", side]
 OVR = ["data.source=text:{corpus}", "data.cache_dir={cache}", "data.seq_len=32",
        "data.val_fraction=0.05"]
 
@@ -52,7 +52,8 @@ def test_cases_pass_fail_and_summarise(pytester, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"{i} lorem ipsum dolor sit amet\n" for i in range(600)))
     pytester.makepyfile(test_cases=CASES.format(corpus=corpus, cache=tmp_path / "cache",
-                                                config=ROOT / "configs/tiny.yaml"))
+                                                config=ROOT / "configs/tiny.yaml",
+                                                fake=ROOT / "tests" / "fake_trainer.py"))
     keep = tmp_path / "reports"
     res = pytester.runpytest("-p", "no:cacheprovider", f"--parity-report-dir={keep}")
     res.assert_outcomes(passed=1, failed=1)

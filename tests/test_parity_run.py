@@ -1,4 +1,4 @@
-"""Orchestration of ``parity run`` with a stand-in trainer (parity.fake_trainer) that keeps
+"""Orchestration of ``parity run`` with a stand-in trainer (tests/fake_trainer.py) that keeps
 the trainer command-line contract: planned runs, subprocess handling, every check, the
 reports, and that a planted fault fails its check and the exit code."""
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_cmd(side: str) -> list[str]:
-    return [sys.executable, "-m", "parity.fake_trainer", side]
+    return [sys.executable, str(Path(__file__).with_name("fake_trainer.py")), side]
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """A stand-in trainer that keeps the trainer command-line contract, for testing the
 harness's orchestration without jax or torch (fast and deterministic).
 
-``python -m parity.fake_trainer SIDE train CONFIG [k=v ...] [--init-weights F]
+``python tests/fake_trainer.py SIDE train CONFIG [k=v ...] [--init-weights F]
 [--dump-grads 0] [--dump-params 0] [--no-resume]`` writes ``metrics.jsonl`` (real batch
 fingerprints from :mod:`lmspec.data`), the dumps and ``run_summary.json``.
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if faulty and what == "slow":
         time.sleep(3600)
 
-    from lmspec.data import Dataset, fingerprint
+    from lmspec.data import Dataset, batch_fingerprint
 
     ds = Dataset.from_config(cfg)
     w0 = (load_safetensors(args.init_weights) if args.init_weights
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         loss[min(5, n - 1)] *= 1 + 1e-3
     with MetricsWriter(out / "metrics.jsonl") as mw:
         for s in range(n):
-            fp = fingerprint(ds.global_batch(s))
+            fp = batch_fingerprint(ds.global_batch(s))
             if faulty and what == "fingerprint" and s == 3:
                 fp = "0" * 16
             if faulty and what == "crash" and s == 2:
