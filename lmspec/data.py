@@ -50,7 +50,7 @@ PROGRESS_BYTES = 4 << 20
 SOURCE_KINDS = ("stdlib", "text", "dir", "glob", "jsonl", "tokens")
 
 __all__ = ["Dataset", "fingerprint", "row_digests", "combine_row_digests",
-           "batch_fingerprint", "build_token_cache", "read_corpus", "Corpus"]
+           "batch_fingerprint", "fingerprint_parts", "build_token_cache", "read_corpus", "Corpus"]
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -104,6 +104,21 @@ def combine_row_digests(digests: Any) -> str:
     h = hashlib.sha256(f"rows:{d.shape[0]}:".encode())
     h.update(d.tobytes())
     return h.hexdigest()[:16]
+
+
+def fingerprint_parts(digests: Any, rows_per_part: int) -> list[str]:
+    """:func:`combine_row_digests` of each run of ``rows_per_part`` consecutive rows of a
+    global batch (given its row digests in global row order).
+
+    With ``rows_per_part = train.micro_batch_size`` part ``k`` is what DeepSpeed rank
+    ``k % world_size`` fed at micro-step ``k // world_size``; both trainers log these as
+    ``batch_fingerprint_parts``, so a mismatch names the micro-step and rank."""
+    d = np.asarray(digests, dtype=np.uint64).reshape(-1)
+    if rows_per_part < 1 or d.shape[0] % rows_per_part:
+        raise ValueError(f"fingerprint_parts: {d.shape[0]} rows do not split into parts of "
+                         f"{rows_per_part}")
+    return [combine_row_digests(d[i:i + rows_per_part])
+            for i in range(0, d.shape[0], rows_per_part)]
 
 
 def batch_fingerprint(global_batch: Any) -> str:
