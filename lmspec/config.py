@@ -51,6 +51,9 @@ PRECISIONS = ("fp32", "bf16")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 WD_MASK_POLICIES = ("matrices", "all", "none")
 ATTENTION_IMPLS = ("xla", "cudnn")
+# DeepSpeed settings: "parity" is bitwise-strict (no comm/compute overlap, unfused AdamW,
+# the parity runs' attention); "bench" is what users run for speed (see torchlm.ds_config)
+ZERO_PROFILES = ("parity", "bench")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -285,14 +288,17 @@ class MeshConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ZeroConfig:
-    """DeepSpeed ZeRO stage and number of worker processes for the torch side."""
+    """DeepSpeed ZeRO stage, number of worker processes and settings profile
+    (``parity``: bitwise-strict, the default; ``bench``: tuned for speed) of the torch side."""
 
     stage: int = 1
     world_size: int = 2
+    profile: str = "parity"
 
     def validate(self, prefix: str = "zero") -> None:
         _choice(f"{prefix}.stage", self.stage, (0, 1, 2, 3))
         _positive(f"{prefix}.world_size", self.world_size)
+        _choice(f"{prefix}.profile", self.profile, ZERO_PROFILES)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,7 +2,13 @@
 
 One JSON object per optimizer step. ``loss`` is the token mean over the global batch
 with the parameters before that step's update; ``grad_norm`` the global L2 norm of the
-gradient before clipping; ``lr`` the rate that step's update used.
+gradient before clipping; ``lr`` the rate that step's update used;
+``batch_fingerprint`` the :func:`lmspec.data.combine_row_digests` of the rows the model
+was fed, in global row order. Optional fields: ``val_loss``, and
+``batch_fingerprint_parts`` (a list of 16-hex :func:`lmspec.data.fingerprint_parts`, one
+per (micro-step, rank) slice of ``train.micro_batch_size`` rows; part ``k`` is rank
+``k % world_size`` at micro-step ``k // world_size``), which a reader uses to name where
+two batches part.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ REQUIRED_FIELDS = (
     "batch_fingerprint",
     "wall_time",
 )
+OPTIONAL_FIELDS = ("val_loss", "batch_fingerprint_parts")
 
 
 class MetricsWriter:
@@ -46,6 +53,7 @@ class MetricsWriter:
         missing = [k for k in REQUIRED_FIELDS if k not in record]
         if missing:
             raise ValueError(f"metrics record lacks fields {missing}")
+        _check_parts(record.get("batch_fingerprint_parts"))
         clean = {k: _jsonable(v) for k, v in record.items()}
         self._f.write(json.dumps(clean) + "\n")
         self._f.flush()
@@ -59,6 +67,17 @@ class MetricsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_parts(parts: Any) -> None:
+    """``batch_fingerprint_parts``, when present: a non-empty list of 16-hex strings."""
+    if parts is None:
+        return
+    if not isinstance(parts, list) or not parts or not all(
+            isinstance(p, str) and len(p) == 16 and all(c in "0123456789abcdef" for c in p)
+            for p in parts):
+        raise ValueError(f"batch_fingerprint_parts must be a non-empty list of 16-hex "
+                         f"strings, got {parts!r:.80}")
 
 
 def _jsonable(v: Any) -> Any:

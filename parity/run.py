@@ -40,6 +40,7 @@ from lmspec.metrics import read_metrics
 from lmspec.weights import init_weights, load_safetensors, save_safetensors
 from parity import compare as C
 from parity.limits import BF16_EARLY_STEPS, BF16_STEPS, FP32_LOSS_STEPS
+from parity.profiles import force_parity_profile
 
 SIDES = ("jax", "torch")
 DEFAULT_ZERO_STAGES = (1, 2, 3)
@@ -656,6 +657,7 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
     from lmspec.data import Dataset
 
     validate_options(opts, cfg)
+    cfg = force_parity_profile(cfg, log)
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -197,6 +197,7 @@ IMPOSSIBLE = [
     (["mesh.rules.act_batch=[data, pipeline]"], "mesh.rules.act_batch"),
     (["zero.stage=4"], "zero.stage"),
     (["zero.world_size=0"], "zero.world_size"),
+    (["zero.profile=fast"], "zero.profile='fast': allowed are ['parity', 'bench']"),
     (["distributed.num_processes=0"], "distributed.num_processes"),
     (["distributed.process_id=-2"], "distributed.process_id"),
     (["distributed.num_processes=2", "distributed.process_id=2"], "distributed.process_id"),

@@ -92,3 +92,16 @@ def test_resume_truncates_later_steps(tmp_path):
     with MetricsWriter(path, start_step=0):
         pass
     assert read_metrics(path) == []
+
+
+def test_fingerprint_parts_field(tmp_path):
+    """The optional per-(micro-step, rank) fingerprints round-trip and are validated."""
+    path = tmp_path / "metrics.jsonl"
+    parts = ["0123456789abcdef", "fedcba9876543210"]
+    with MetricsWriter(path) as w:
+        w.write(record(0, batch_fingerprint_parts=parts))
+        for bad in ([], ["0123"], "0123456789abcdef", ["0123456789ABCDEF"]):
+            with pytest.raises(ValueError, match="batch_fingerprint_parts"):
+                w.write(record(1, batch_fingerprint_parts=bad))
+    (r,) = read_metrics(path)
+    assert r["batch_fingerprint_parts"] == parts

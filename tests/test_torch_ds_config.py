@@ -11,7 +11,14 @@ from lmspec.config import load_config
 from lmspec.schedule import lr_at
 from lmspec.weights import decays
 from torchlm.cli import main
-from torchlm.ds_config import build_ds_config, build_optimizer, build_scheduler, param_groups
+from torchlm.ds_config import (
+    build_ds_config,
+    build_optimizer,
+    build_scheduler,
+    model_attention,
+    optimizer_spec,
+    param_groups,
+)
 from torchlm.model import Llama
 
 CONFIG = "configs/tiny.yaml"
@@ -50,6 +57,48 @@ def test_ds_config_cli_prints_json(capsys) -> None:
     out = capsys.readouterr().out
     conf = json.loads(out)
     assert conf == build_ds_config(load_config(CONFIG, ["zero.stage=3"]))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_profiles_differ_only_in_speed_settings(stage: int, precision: str) -> None:
+    """parity: no comm/compute overlap, unfused AdamW, repeat_kv attention; bench: overlap,
+    fused AdamW, flash attention; the precision policy and batch layout are the same."""
+    common = [f"zero.stage={stage}", f"train.precision={precision}"]
+    parity = load_config(CONFIG, common)
+    bench = load_config(CONFIG, [*common, "zero.profile=bench"])
+    assert parity.zero.profile == "parity"  # the default
+    p_conf, b_conf = build_ds_config(parity), build_ds_config(bench)
+    if stage == 0:
+        assert b_conf == p_conf
+    else:
+        assert p_conf["zero_optimization"] == {"stage": stage, "contiguous_gradients": True,
+                                               "overlap_comm": False}
+        assert b_conf["zero_optimization"] == {"stage": stage, "contiguous_gradients": True,
+                                               "overlap_comm": True}
+        assert {k: v for k, v in b_conf.items() if k != "zero_optimization"} == \
+            {k: v for k, v in p_conf.items() if k != "zero_optimization"}
+    assert (model_attention(parity), model_attention(bench)) == ("repeat_kv", "flash")
+    model = Llama(load_config(CONFIG, ["model.num_hidden_layers=1"]).model)
+    for device, want in (("cpu", (False, False)), ("cuda", (True, False))):
+        d = build_optimizer(model, parity, device).defaults
+        assert (d["foreach"], d["fused"]) == want
+        d = build_optimizer(model, bench, device).defaults
+        assert (d["foreach"], d["fused"]) == (False, True)
+
+
+def test_ds_config_cli_bench_profile(capsys) -> None:
+    assert main(["ds-config", CONFIG, "zero.stage=2", "zero.profile=bench"]) == 0
+    cap = capsys.readouterr()
+    conf = json.loads(cap.out)
+    assert conf["zero_optimization"]["overlap_comm"] is True
+    assert conf == build_ds_config(load_config(CONFIG, ["zero.stage=2", "zero.profile=bench"]))
+    assert "zero.profile=bench" in cap.err
+    spec = json.loads(cap.err.split(":", 1)[1].strip().split("\n")[0])
+    assert (spec["kernel"], spec["attention"]) == ("fused", "flash")
+    assert optimizer_spec(load_config(CONFIG))["attention"] == "repeat_kv"
+    assert main(["ds-config", CONFIG, "zero.profile=fast"]) == 2
+    assert "zero.profile='fast': allowed are ['parity', 'bench']" in capsys.readouterr().err
 
 
 def test_ds_config_cli_rejects_bad_stage(capsys) -> None:

@@ -10,7 +10,7 @@ from lmspec.config import load_config
 from lmspec.weights import init_weights, param_shapes
 from torchlm import api
 from torchlm.model import Llama
-from torchlm.weights import load_safetensors, save_safetensors, to_numpy
+from torchlm.weights import load_numpy, load_safetensors, save_safetensors, to_numpy
 
 LOGIT_ATOL = 1e-5  # issue 4: max |logit diff| vs transformers, fp32
 BATCH, SEQ = 4, 128
@@ -156,3 +156,63 @@ def test_float64_model_computes_in_float64() -> None:
     loss32 = m32.loss(torch.from_numpy(win))
     diff = abs(float(loss32.detach()) - float(loss64.detach()))
     assert 0 < diff <= 1e-5 * float(loss64.detach())
+
+
+# ----------------------------------------------------------------------------- attention paths
+
+# fp32 attention against a float64 softmax(QK^T/sqrt(Q))V. Each output is a convex
+# combination of <= 96 values of size ~1-4, so rounding stays within a few fp32 ulps of
+# the exact value: measured 5.7e-7 to 7.3e-7 (both paths, torch 2.13 CPU). 2e-6 (2.7x the
+# worst) leaves room for another kernel's summation order; a wrong head mapping, mask or
+# scale is off by > 1e-2.
+ATTN_ATOL = 2e-6
+
+
+def attention_float64(q, k, v):
+    """Independent reference: explicit causal softmax attention in float64, query head
+    h reading kv head h // (H / K) (HF ``repeat_kv``)."""
+    q, k, v = (x.double() for x in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    t = q.shape[2]
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+    return torch.softmax(scores.masked_fill(mask, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (6, 1)])
+def test_flash_attention_matches_explicit_attention(heads: int, kv_heads: int) -> None:
+    from torchlm.model import attention_flash, attention_repeat_kv
+
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    q = torch.randn(2, heads, 96, 32, generator=g)
+    k = torch.randn(2, kv_heads, 96, 32, generator=g)
+    v = torch.randn(2, kv_heads, 96, 32, generator=g)
+    want = attention_float64(q, k, v)
+    for fn in (attention_flash, attention_repeat_kv):
+        got = fn(q, k, v)
+        assert got.dtype == torch.float32 and got.shape == (2, heads, 96, 32)
+        err = (got.double() - want).abs().max().item()
+        assert err <= ATTN_ATOL, (fn.__name__, err)
+    # the check can fail: the wrong kv-head mapping (h % K instead of h // (H/K))
+    if kv_heads not in (1, heads):
+        wrong = attention_float64(q, k[:, torch.arange(heads) % kv_heads],
+                                  v[:, torch.arange(heads) % kv_heads])
+        assert (attention_flash(q, k, v).double() - wrong).abs().max().item() > 1e-2
+
+
+def test_model_attention_paths_agree() -> None:
+    """The bench profile's model (flash) and the parity one (repeat_kv): same logits."""
+    cfg = small_cfg("model.num_attention_heads=4", "model.num_key_value_heads=2")
+    w = random_weights(cfg)
+    x = torch.from_numpy(tokens(cfg).astype(np.int64))
+    out = {}
+    for kind in ("repeat_kv", "flash"):
+        m = Llama(cfg.model, attention=kind)
+        load_numpy(m, w)
+        with torch.no_grad():
+            out[kind] = m(x)
+    diff = (out["flash"] - out["repeat_kv"]).abs().max().item()
+    assert diff <= LOGIT_ATOL, diff
+    with pytest.raises(ValueError, match="attention='fast'"):
+        Llama(cfg.model, attention="fast")

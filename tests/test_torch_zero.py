@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from lmspec.config import load_config
-from lmspec.data import Dataset, fingerprint
+from lmspec.data import Dataset, batch_fingerprint, fingerprint_parts, row_digests
 from lmspec.metrics import read_metrics
 from lmspec.schedule import lr_at
 from lmspec.weights import init_weights, load_safetensors, save_safetensors
@@ -46,6 +46,8 @@ NORM_RTOL = 1e-5  # pre-clip global grad norm, fp32
 GRAD_RTOL = 1e-5  # per-tensor ||g_zero - g_ref|| / ||g_ref|| at step 0 (same weights)
 PARAM_RTOL = 1e-5  # per tensor, after the last update
 LAUNCH_TIMEOUT = 900
+# test-only fault overlay (a sitecustomize put on the trainer subprocess's PYTHONPATH)
+FAULTS = Path(__file__).parent / "overlays" / "torchlm_faults"
 # the DeepSpeed runs start from --init-weights with this seed (the default init uses
 # train.seed=0), so a run that ignored the flag would miss the reference from step 0
 INIT_SEED = 7
@@ -63,6 +65,12 @@ def run_train(out_dir: Path, *args: str, env: dict[str, str] | None = None,
     proc.elapsed = time.perf_counter() - t0  # type: ignore[attr-defined]
     print(f"launch {' '.join(args)}: {proc.elapsed:.1f}s")  # noqa: T201 (runtime log)
     return proc
+
+
+def fault_env(fault: str) -> dict[str, str]:
+    """Environment that plants ``fault`` (see tests/overlays/torchlm_faults)."""
+    path = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "TORCHLM_TEST_FAULT": fault}
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:
@@ -137,7 +145,10 @@ def test_zero_fp32_matches_plain_torch(stage, runs, reference, data, cfg) -> Non
     assert max(norm_d) <= NORM_RTOL, norm_d
     for i, r in enumerate(recs):
         assert r["lr"] == lr_at(i, cfg.optim)  # the LR the update of step i used, exactly
-        assert r["batch_fingerprint"] == fingerprint(data.global_batch(i))
+        # the rows the ranks fed, gathered in global row order, are the global batch
+        batch = data.global_batch(i)
+        assert r["batch_fingerprint"] == batch_fingerprint(batch)
+        assert r["batch_fingerprint_parts"] == fingerprint_parts(row_digests(batch), 2)
         assert r["tokens_per_s"] > 0 and r["mfu"] is None  # no peak FLOPs known for CPUs
     assert recs[-1]["loss"] < recs[0]["loss"] - 1.0
 
@@ -281,7 +292,7 @@ def test_no_resume_starts_over(runs, tmp_path) -> None:
 def test_worker_failure_fails_fast_with_its_error(tmp_path, cfg, data) -> None:
     t0 = time.perf_counter()
     proc = run_train(tmp_path / "fail", "zero.stage=1", "train.steps=4",
-                     env={"TORCHLM_FAIL_AT": "1:1"}, timeout=300)
+                     env=fault_env("fail_at:1:1"), timeout=300)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training worker failed")
@@ -293,6 +304,24 @@ def test_worker_failure_fails_fast_with_its_error(tmp_path, cfg, data) -> None:
     loss0, _ = api.loss_and_grads(cfg, init_weights(cfg.model, cfg.train.seed),
                                   data.global_batch(0), "fp32")
     assert rel(recs[0]["loss"], loss0) <= LOSS_RTOL
+
+
+def test_row_offset_on_one_rank_changes_the_fingerprint(tmp_path, data) -> None:
+    """A one-row offset planted in rank 1's data split (from the test overlay only): the
+    logged fingerprint no longer matches the global batch, and the parts name rank 1
+    at each micro-step (part k = rank k % 2 at micro-step k // 2)."""
+    proc = run_train(tmp_path / "off", "zero.stage=1", "train.steps=2",
+                     env=fault_env("row_offset:1"), timeout=300)
+    check_ok(proc)
+    recs = read_metrics(tmp_path / "off" / "metrics.jsonl")
+    assert len(recs) == 2
+    for r in recs:
+        batch = data.global_batch(r["step"])
+        assert r["batch_fingerprint"] != batch_fingerprint(batch)
+        ref = fingerprint_parts(row_digests(batch), 2)  # micro batch 2
+        bad = [k for k, (a, b) in enumerate(zip(r["batch_fingerprint_parts"], ref,
+                                                 strict=True)) if a != b]
+        assert [(k // 2, k % 2) for k in bad] == [(0, 1), (1, 1)]  # (micro-step, rank)
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
     torchlm train CONFIG [k=v ...] [--init-weights FILE] [--dump-grads STEPS]
                   [--dump-params STEPS] [--no-resume]
-    torchlm ds-config CONFIG [k=v ...]
+    torchlm ds-config CONFIG [k=v ...]      (zero.profile=bench: the speed settings)
     torchlm export OUT_DIR [--tag TAG] [--output FILE]
 """
 
@@ -48,7 +48,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
         conf = build_ds_config(cfg)
         print(json.dumps(conf, indent=2))
-        print("# optimizer and lr_scheduler are passed as objects to deepspeed.initialize:",
+        print(f"# zero.profile={cfg.zero.profile}; the optimizer, lr_scheduler and model "
+              "(attention path) are passed as objects to deepspeed.initialize:",
               json.dumps(optimizer_spec(cfg)), file=sys.stderr)
         return 0
     if args.init_weights:

@@ -22,6 +22,11 @@ from lmspec.weights import decays
 def build_ds_config(cfg: ExperimentConfig, world_size: int | None = None) -> dict[str, Any]:
     """DeepSpeed config for ``cfg`` with ``world_size`` ranks (default ``zero.world_size``).
 
+    ``zero.profile`` picks the settings: ``parity`` (bitwise-strict, what parity runs use)
+    or ``bench`` (what users run for speed: ``overlap_comm`` on, with the fused AdamW of
+    :func:`build_optimizer` and the fused attention of :func:`model_attention`). Both keep
+    the same precision policy, so they train the same math.
+
     bf16 follows ``PARITY.md``: gradients accumulated (``data_types.grad_accum_dtype``)
     and reduced (``communication_data_type``) in fp32 so that both sides sum the same
     fp32 gradients (except ZeRO 0, see below). ``gradient_clipping`` 0 means off, as
@@ -32,8 +37,10 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int | None = None) -> dic
     bf16 = t.precision == "bf16"
     zero: dict[str, Any] = {"stage": cfg.zero.stage}
     if cfg.zero.stage in (1, 2, 3):
-        # no communication/compute overlap: same reduction order every run (bitwise resume)
-        zero.update({"contiguous_gradients": True, "overlap_comm": False})
+        # parity: no communication/compute overlap, so the reduction order is the same
+        # every run (bitwise resume); bench: overlap gradient reduction with the backward
+        overlap = cfg.zero.profile == "bench"
+        zero.update({"contiguous_gradients": True, "overlap_comm": overlap})
     conf: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -73,14 +80,32 @@ def param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[dict[str, Any]
     return [g for g in groups if g["params"]]
 
 
+def model_attention(cfg: ExperimentConfig) -> str:
+    """The :class:`torchlm.model.Llama` attention path of ``zero.profile``: ``repeat_kv``
+    (parity) or ``flash`` (bench)."""
+    return "flash" if cfg.zero.profile == "bench" else "repeat_kv"
+
+
+def optimizer_kernel(cfg: ExperimentConfig, device_type: str) -> str:
+    """How torch AdamW runs its update: ``fused`` (bench profile: one kernel over all
+    tensors; torch has it for CUDA and CPU tensors), ``foreach`` (parity on CUDA) or
+    ``single`` (parity on CPU: one tensor at a time, the order the parity runs were
+    measured with)."""
+    if cfg.zero.profile == "bench":
+        return "fused"
+    return "foreach" if device_type == "cuda" else "single"
+
+
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig,
-                    foreach: bool = False) -> torch.optim.AdamW:
-    """torch AdamW with every hyperparameter explicit.
+                    device_type: str = "cpu") -> torch.optim.AdamW:
+    """torch AdamW with every hyperparameter explicit; its kernel by
+    :func:`optimizer_kernel`.
 
     The base LR is 1.0 and the schedule (:func:`build_scheduler`) multiplies it by
     ``lr_at(step)``, so the LR each update uses is ``lr_at(step)`` bit for bit.
     """
     o = cfg.optim
+    kernel = optimizer_kernel(cfg, device_type)
     return torch.optim.AdamW(
         param_groups(model, cfg),
         lr=1.0,
@@ -89,10 +114,10 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig,
         weight_decay=o.weight_decay,
         amsgrad=False,
         maximize=False,
-        foreach=foreach,
+        foreach=kernel == "foreach",
         capturable=False,
         differentiable=False,
-        fused=False,
+        fused=kernel == "fused",
     )
 
 
@@ -117,11 +142,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, ScheduleLambda(cfg))
 
 
-def optimizer_spec(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Human-readable description of the optimizer and schedule the trainer passes."""
+def optimizer_spec(cfg: ExperimentConfig, device_type: str = "cuda") -> dict[str, Any]:
+    """Human-readable description of what the trainer passes besides the JSON: the
+    optimizer, its schedule and the model's attention path (on ``device_type``)."""
     o = cfg.optim
     return {
+        "profile": cfg.zero.profile,
+        "attention": model_attention(cfg),
         "type": "torch.optim.AdamW",
+        "kernel": optimizer_kernel(cfg, device_type),
         "betas": [o.beta1, o.beta2],
         "eps": o.eps,
         "weight_decay": o.weight_decay,

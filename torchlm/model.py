@@ -8,6 +8,12 @@ with cos/sin computed in fp32 then cast, grouped-query attention through
 Llama's, so ``state_dict()`` loads into ``transformers.LlamaForCausalLM`` strictly.
 No parallelism lives here; DeepSpeed wraps this module from the outside.
 
+Two attention paths (``Llama(cfg, attention=...)``), the same function of the inputs:
+``"repeat_kv"`` (the default, what parity runs use) repeats the K/V heads as HF's
+``repeat_kv`` and lets SDPA pick its kernel; ``"flash"`` (DeepSpeed's ``bench`` profile)
+keeps K/V at their own head count (``enable_gqa``) and, on CUDA, allows only the fused
+kernels (FlashAttention, cuDNN, memory-efficient), so a slow fallback is an error.
+
 Shape legend:
     B batch, T sequence length, D hidden size, H query heads, K key/value heads,
     Q head dim, F MLP intermediate size, V vocabulary size.
@@ -21,6 +27,8 @@ from torch import nn
 
 from lmspec.config import ModelConfig
 from lmspec.weights import INIT_STD
+
+ATTENTION_KINDS = ("repeat_kv", "flash")
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -69,9 +77,56 @@ def apply_rope(x_bhtq: torch.Tensor, cos_tq: torch.Tensor, sin_tq: torch.Tensor)
     return x_bhtq * cos_tq + rotate_half(x_bhtq) * sin_tq
 
 
+def attention_repeat_kv(q_bhtq: torch.Tensor, k_bktq: torch.Tensor,
+                        v_bktq: torch.Tensor) -> torch.Tensor:
+    """Causal attention with K/V repeated to the query heads first (HF ``repeat_kv``:
+    query head h reads kv head h // (H / K)); SDPA chooses its kernel."""
+    rep = q_bhtq.shape[1] // k_bktq.shape[1]
+    if rep != 1:
+        k_bktq = k_bktq.repeat_interleave(rep, dim=1)
+        v_bktq = v_bktq.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q_bhtq, k_bktq, v_bktq, is_causal=True)
+
+
+def attention_flash(q_bhtq: torch.Tensor, k_bktq: torch.Tensor,
+                    v_bktq: torch.Tensor) -> torch.Tensor:
+    """Causal attention in one fused kernel; grouped K/V heads are mapped inside the
+    kernel (same head mapping as :func:`attention_repeat_kv`, no repeated copy)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gqa = q_bhtq.shape[1] != k_bktq.shape[1]
+    if q_bhtq.device.type == "cuda":
+        fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                 SDPBackend.EFFICIENT_ATTENTION]
+        if gqa and q_bhtq.dtype == torch.float32:
+            # fp32 on CUDA leaves only the memory-efficient kernel, which takes equal
+            # head counts: repeat K/V as HF's repeat_kv does
+            return attention_repeat_kv_in(fused, q_bhtq, k_bktq, v_bktq)
+    else:  # CPU: its flash kernel, or the math one where that does not apply
+        fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(fused, set_priority=True):
+        return F.scaled_dot_product_attention(q_bhtq, k_bktq, v_bktq, is_causal=True,
+                                              enable_gqa=gqa)
+
+
+def attention_repeat_kv_in(backends: list, q_bhtq: torch.Tensor, k_bktq: torch.Tensor,
+                           v_bktq: torch.Tensor) -> torch.Tensor:
+    """:func:`attention_repeat_kv` restricted to ``backends`` (SDPA back-end list)."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backends, set_priority=True):
+        return attention_repeat_kv(q_bhtq, k_bktq, v_bktq)
+
+
+ATTENTION_FNS = {"repeat_kv": attention_repeat_kv, "flash": attention_flash}
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, attention: str = "repeat_kv") -> None:
         super().__init__()
+        if attention not in ATTENTION_FNS:
+            raise ValueError(f"attention={attention!r}: allowed are {list(ATTENTION_KINDS)}")
+        self.attend = ATTENTION_FNS[attention]
         d, q = cfg.hidden_size, cfg.head_dim
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -89,12 +144,7 @@ class Attention(nn.Module):
         v_bktq = self.v_proj(x_btd).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_bhtq = apply_rope(q_bhtq, cos_tq, sin_tq)
         k_bktq = apply_rope(k_bktq, cos_tq, sin_tq)
-        if self.num_kv_heads != self.num_heads:
-            # HF repeat_kv: query head h reads kv head h // (H / K)
-            rep = self.num_heads // self.num_kv_heads
-            k_bktq = k_bktq.repeat_interleave(rep, dim=1)
-            v_bktq = v_bktq.repeat_interleave(rep, dim=1)
-        o_bhtq = F.scaled_dot_product_attention(q_bhtq, k_bktq, v_bktq, is_causal=True)
+        o_bhtq = self.attend(q_bhtq, k_bktq, v_bktq)
         o_btd = o_bhtq.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(o_btd)
 
@@ -112,10 +162,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, attention: str = "repeat_kv") -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, attention)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -128,10 +178,11 @@ class DecoderLayer(nn.Module):
 class LlamaBody(nn.Module):
     """HF ``LlamaModel``: embeddings, decoder layers, final norm."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, attention: str = "repeat_kv") -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attention)
+                                    for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -140,14 +191,15 @@ class Llama(nn.Module):
 
     With ``tie_word_embeddings`` there is no ``lm_head`` module (and no ``lm_head.weight``
     in the state dict, as :func:`lmspec.weights.param_shapes` says): the output projection
-    uses ``model.embed_tokens.weight``.
+    uses ``model.embed_tokens.weight``. ``attention`` is one of :data:`ATTENTION_KINDS`
+    (see the module docstring); it changes kernels, not parameters.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, attention: str = "repeat_kv") -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.model = LlamaBody(cfg)
+        self.model = LlamaBody(cfg, attention)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters()

@@ -11,10 +11,19 @@ gradients over ranks, so the update uses the gradient of the global-batch token 
 
 Per-step record (``metrics.jsonl``, rank 0): ``loss`` is that token mean (micro-step
 losses all-reduced), ``grad_norm`` the global pre-clip L2 norm, ``lr`` the rate the
-wrapped torch AdamW used for the update; ``val_loss`` (when ``train.eval_every`` > 0,
+wrapped torch AdamW used for the update; ``batch_fingerprint`` identifies the rows the
+ranks actually fed the model: each rank hashes its rows per micro-step
+(:func:`lmspec.data.row_digests`), the digests are all-gathered and combined in global
+row order (micro-step major, then rank, then row), and ``batch_fingerprint_parts``
+holds one fingerprint per (micro-step, rank) slice (part ``k``: rank ``k % W`` at
+micro-step ``k // W``); ``val_loss`` (when ``train.eval_every`` > 0,
 every ``eval_every`` steps and at the last one) is the token mean over
 ``train.eval_batches`` validation batches of ``global_batch_size`` windows, with the
 weights after that step's update.
+
+The step loop reads nothing back from the device per micro-step: losses stay on the
+device and the step's figures (loss, norm, row digests) come to the host in one
+transfer after the optimizer step.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +51,19 @@ from tqdm import tqdm
 from lmspec import flops
 from lmspec.cli import add_config_args
 from lmspec.config import ConfigError, ExperimentConfig, load_config, save_config
-from lmspec.data import Dataset, fingerprint
+from lmspec.data import Dataset, combine_row_digests, fingerprint_parts, row_digests
 from lmspec.io import atomic_write_json
 from lmspec.metrics import MetricsWriter
 from lmspec.weights import init_weights
 from lmspec.weights import load_safetensors as load_np_safetensors
 from lmspec.weights import save_safetensors as save_np_safetensors
 from torchlm.api import configure_torch
-from torchlm.ds_config import build_ds_config, build_optimizer, build_scheduler
+from torchlm.ds_config import build_ds_config, build_optimizer, build_scheduler, model_attention
 from torchlm.model import Llama, token_loss
 from torchlm.weights import load_numpy
 
 CKPT_SUBDIR = "checkpoints"
 FINAL_WEIGHTS = "model.safetensors"
-# testing hook: "RANK:STEP" makes that rank raise at the start of that step
-FAIL_ENV = "TORCHLM_FAIL_AT"
 LAUNCH_TIME_ENV = "TORCHLM_LAUNCH_TIME"
 
 
@@ -137,6 +145,26 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
+def rank_rows(data: Dataset, step: int, micro_step: int, rank: int, world_size: int,
+              micro: int) -> np.ndarray:
+    """The rows rank ``rank`` feeds the model at ``micro_step`` of ``step``:
+    ``[m*b*W + r*b, m*b*W + (r+1)*b)`` of the global batch (int32, (b, T+1))."""
+    start = micro_step * micro * world_size + rank * micro
+    return data.global_batch_rows(step, start, start + micro)
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step leaves behind, still on the device where it lives."""
+
+    loss_sum: torch.Tensor  # float64 scalar: sum of this rank's micro-step losses
+    norm: torch.Tensor | float | None  # pre-clip global norm (None: ask DeepSpeed)
+    lr: float
+    digests: np.ndarray  # uint64 (G*b,): this rank's row digests, micro-step major
+    excluded_s: float = 0.0  # time spent on dumps, not counted in the step time
+    host: dict[str, Any] = field(default_factory=dict)
+
+
 class Trainer:
     """One worker's view of a DeepSpeed training run (construct inside the process group)."""
 
@@ -171,14 +199,14 @@ class Trainer:
         self.micro = cfg.train.micro_batch_size
         self.seq_len = cfg.data.seq_len
 
-        model = Llama(cfg.model)
+        model = Llama(cfg.model, attention=model_attention(cfg))
         if args.init_weights:
             self.init_weights = load_np_safetensors(args.init_weights)
             load_numpy(model, self.init_weights, where=args.init_weights)
         else:
             self.init_weights = init_weights(cfg.model, cfg.train.seed)
             load_numpy(model, self.init_weights, where="lmspec init")
-        optimizer = build_optimizer(model, cfg, foreach=self.device.type == "cuda")
+        optimizer = build_optimizer(model, cfg, self.device.type)
         scheduler = build_scheduler(optimizer, cfg)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler,
@@ -187,30 +215,193 @@ class Trainer:
         # the torch AdamW that DeepSpeed wraps: its param groups hold the LR it steps with
         self.torch_optimizer = optimizer
         self.device_name = _device_name(self.device)
+        # ZeRO 0 in fp32 holds full, rank-averaged grads: the norm is computed here
+        self.own_norm = cfg.zero.stage == 0 and cfg.train.precision == "fp32"
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> dict[str, Any] | None:
+        """Train to ``train.steps``; returns the run summary on rank 0."""
+        t = self.cfg.train
+        start = self.restore_or_init()
+        writer = self.open_metrics(start)
+        bar = tqdm(total=t.steps, initial=start, disable=self.rank != 0, desc="torchlm train",
+                   unit="step", dynamic_ncols=True, mininterval=1.0)
+        step_times: list[float] = []
+        first_step_wall = time.time() if start < t.steps else None
+        for step in range(start, t.steps):
+            self._sync()
+            t0 = time.perf_counter()
+            out = self.train_step(step)
+            self.gather_step(out)  # the step's one device -> host transfer
+            step_times.append(time.perf_counter() - t0 - out.excluded_s)
+            record = self.make_record(step, out, step_times[-1])
+            self.maybe_evaluate(step, record)
+            self.log_record(writer, bar, record)
+            self.maybe_save(step)
+        bar.close()
+        if writer is not None:
+            writer.close()
+        self.export_weights(self.out_dir / FINAL_WEIGHTS)
+        launch = float(os.environ.get(LAUNCH_TIME_ENV, "nan"))
+        return self._summary(step_times, start, launch, first_step_wall)
 
     # ------------------------------------------------------------------ pieces
 
-    def _rows(self, step: int, micro_step: int) -> torch.Tensor:
-        start = micro_step * self.micro * self.world + self.rank * self.micro
-        rows = self.data.global_batch_rows(step, start, start + self.micro)
-        return torch.from_numpy(rows).to(self.device, torch.int64)
+    def restore_or_init(self) -> int:
+        """Load the latest checkpoint (unless ``--no-resume``) or set the initial
+        weights; returns the step to start from."""
+        from torchlm.gather import set_master_params
 
-    def _all_mean(self, value: torch.Tensor) -> float:
-        """Mean over ranks of a float64 scalar."""
-        t = value.detach().to(self.device, torch.float64).reshape(1)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return float(t.item()) / self.world
+        start = 0
+        if not self.args.no_resume and latest_checkpoint(self.out_dir):
+            path, client = self.engine.load_checkpoint(
+                str(self.ckpt_dir), load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if path is None:
+                raise RuntimeError(f"could not load the checkpoint in {self.ckpt_dir}")
+            start = int(client["step"])
+        else:
+            set_master_params(self.engine, self.init_weights)
+        self.init_weights = None  # free host memory
+        return start
 
-    def _own_grad_norm(self) -> float:
-        """Global L2 norm of ``param.grad`` (ZeRO 0 fp32: full, rank-averaged grads)."""
+    def open_metrics(self, start: int) -> MetricsWriter | None:
+        """Rank 0: save the config and open ``metrics.jsonl`` (records >= start dropped)."""
+        if self.rank != 0:
+            return None
+        save_config(self.cfg, self.out_dir / "config.yaml")
+        return MetricsWriter(self.out_dir / "metrics.jsonl", start_step=start)
+
+    def step_rows(self, step: int) -> tuple[torch.Tensor, np.ndarray]:
+        """This rank's rows of every micro-step of ``step`` on the device, (G, b, T+1),
+        copied in one transfer, and their digests (G*b,) computed on the host."""
+        rows = np.stack([rank_rows(self.data, step, m, self.rank, self.world, self.micro)
+                         for m in range(self.gas)])
+        digests = row_digests(rows)
+        t = torch.from_numpy(rows)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, torch.int64, non_blocking=True), digests
+        return t.to(torch.int64), digests
+
+    def train_step(self, step: int) -> StepOutput:
+        """Forward, backward and DeepSpeed ``step()`` for each micro-batch; the last
+        ``step()`` updates the weights. Nothing is read back to the host here."""
+        from torchlm.gather import full_grads
+
+        rows, digests = self.step_rows(step)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        out = StepOutput(loss_sum=loss_sum, norm=None, lr=float("nan"), digests=digests)
+        for m in range(self.gas):
+            w = rows[m]
+            loss = token_loss(self.engine(w[:, :-1]), w[:, 1:])
+            self.engine.backward(loss)
+            loss_sum += loss.detach().double()
+            if m == self.gas - 1:  # gradients complete (accumulated and reduced)
+                if step in self.args.dump_grads:
+                    td = time.perf_counter()
+                    self._dump("grads", step, full_grads(self.engine))
+                    out.excluded_s += time.perf_counter() - td
+                if self.own_norm:
+                    out.norm = self._own_grad_norm()
+                # the LR this update uses (a host float: no device read)
+                out.lr = float(self.torch_optimizer.param_groups[0]["lr"])
+            self.engine.step()
+        if out.norm is None:
+            out.norm = self.engine.get_global_grad_norm()
+        if step in self.args.dump_params:
+            from torchlm.gather import full_params
+
+            td = time.perf_counter()
+            self._dump("params", step, full_params(self.engine))
+            out.excluded_s += time.perf_counter() - td
+        return out
+
+    def gather_step(self, out: StepOutput) -> None:
+        """The step's figures to the host in one transfer: the loss sum all-reduced, the
+        grad norm, and every rank's row digests all-gathered (NCCL on GPU, gloo on CPU).
+        Fills ``out.host`` with ``loss``, ``grad_norm``, ``digests`` (global row order)."""
+        dev = self.device
+        loss = (out.loss_sum / self.gas).reshape(1)  # this rank's micro-step mean
+        dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+        norm = (torch.tensor([float("nan")], dtype=torch.float64, device=dev)
+                if out.norm is None else
+                torch.as_tensor(out.norm, device=dev).to(torch.float64).reshape(1))
+        # uint64 digests travel as their int64 bit pattern (collectives lack uint64)
+        mine = torch.from_numpy(out.digests.view(np.int64)).to(dev)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine)
+        # float64 figures as their int64 bit pattern too: one tensor, one copy to host
+        host = torch.cat([loss.view(torch.int64), norm.view(torch.int64), *parts]).cpu()
+        figures = host[:2].view(torch.float64).numpy()
+        by_rank = host[2:].numpy().view(np.uint64).reshape(self.world, self.gas, self.micro)
+        out.host = {
+            "loss": float(figures[0]) / self.world,
+            "grad_norm": float(figures[1]),
+            # (W, G, b) -> micro-step major, then rank, then row
+            "digests": by_rank.transpose(1, 0, 2).reshape(-1),
+        }
+
+    def make_record(self, step: int, out: StepOutput, step_time_s: float) -> dict[str, Any]:
+        """The ``metrics.jsonl`` record of ``step`` (host values only)."""
+        tps = self.gas * self.micro * self.seq_len / step_time_s  # per rank
+        digests = out.host["digests"]
+        return {
+            "step": step, "loss": out.host["loss"], "grad_norm": out.host["grad_norm"],
+            "lr": out.lr, "tokens_per_s": tps,
+            "mfu": flops.mfu(tps, self.cfg.model, self.seq_len, self.device_name),
+            "batch_fingerprint": combine_row_digests(digests),
+            "batch_fingerprint_parts": fingerprint_parts(digests, self.micro),
+            "wall_time": time.time(),
+        }
+
+    def maybe_evaluate(self, step: int, record: dict[str, Any]) -> None:
+        """``val_loss`` every ``train.eval_every`` steps and at the last one."""
+        t = self.cfg.train
+        last = step + 1 == t.steps
+        if t.eval_every and ((step + 1) % t.eval_every == 0 or last) \
+                and self.data.num_val_windows > 0:
+            record["val_loss"] = self.evaluate()
+
+    def log_record(self, writer: MetricsWriter | None, bar: tqdm,
+                   record: dict[str, Any]) -> None:
+        """Rank 0: append the record, update the progress bar, print every log_every."""
+        bar.update(1)
+        if writer is None:
+            return
+        writer.write(record)
+        step, loss, lr = record["step"], record["loss"], record["lr"]
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                        tok_s=f"{record['tokens_per_s']:.0f}")
+        t = self.cfg.train
+        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+            val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+            bar.write(f"step {step:6d} loss {loss:.4f} grad_norm {record['grad_norm']:.4f} "
+                      f"lr {lr:.3e} tokens/s/proc {record['tokens_per_s']:,.0f}{val}")
+
+    def maybe_save(self, step: int) -> None:
+        """A checkpoint every ``train.ckpt_every`` steps and after the last one."""
+        t = self.cfg.train
+        if (t.ckpt_every and (step + 1) % t.ckpt_every == 0) or step + 1 == t.steps:
+            self.save_checkpoint(step + 1)
+
+    def _own_grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of ``param.grad`` (ZeRO 0 fp32: full, rank-averaged grads),
+        as a float64 device scalar."""
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.engine.module.parameters():
             sq += p.grad.detach().double().pow(2).sum()
-        return float(sq.sqrt().item())
+        return sq.sqrt()
 
     def _dump(self, kind: str, step: int, tensors: dict[str, np.ndarray]) -> None:
         if self.rank == 0:
             save_np_safetensors(tensors, self.out_dir / "dumps" / f"{kind}_step{step}.safetensors")
+
+    def _all_mean(self, value: torch.Tensor) -> float:
+        """Mean over ranks of a float64 scalar (a host read: evaluation only)."""
+        t = value.detach().to(self.device, torch.float64).reshape(1)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item()) / self.world
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -253,104 +444,6 @@ class Trainer:
         if self.rank == 0:
             save_np_safetensors(params, path)
 
-    # ------------------------------------------------------------------ loop
-
-    def run(self) -> dict[str, Any] | None:
-        """Train to ``train.steps``; returns the run summary on rank 0."""
-        from torchlm.gather import full_grads, full_params, set_master_params
-
-        cfg, t = self.cfg, self.cfg.train
-        start = 0
-        if not self.args.no_resume and latest_checkpoint(self.out_dir):
-            path, client = self.engine.load_checkpoint(
-                str(self.ckpt_dir), load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-            if path is None:
-                raise RuntimeError(f"could not load the checkpoint in {self.ckpt_dir}")
-            start = int(client["step"])
-        else:
-            set_master_params(self.engine, self.init_weights)
-        self.init_weights = None  # free host memory
-        writer = None
-        if self.rank == 0:
-            save_config(cfg, self.out_dir / "config.yaml")
-            writer = MetricsWriter(self.out_dir / "metrics.jsonl", start_step=start)
-        fail_at = os.environ.get(FAIL_ENV, "")
-        tokens_per_step = self.gas * self.micro * self.seq_len  # per rank
-        own_norm = cfg.zero.stage == 0 and t.precision == "fp32"
-        step_times: list[float] = []
-        first_step_wall = None
-        bar = tqdm(total=t.steps, initial=start, disable=self.rank != 0, desc="torchlm train",
-                   unit="step", dynamic_ncols=True, mininterval=1.0)
-        for step in range(start, t.steps):
-            if fail_at == f"{self.rank}:{step}":
-                raise RuntimeError(f"injected failure ({FAIL_ENV}) on rank {self.rank} at "
-                                   f"step {step}")
-            if first_step_wall is None:
-                first_step_wall = time.time()
-            self._sync()
-            t0 = time.perf_counter()
-            excluded = 0.0
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            norm = None
-            lr = float("nan")
-            for m in range(self.gas):
-                w = self._rows(step, m)
-                loss = token_loss(self.engine(w[:, :-1]), w[:, 1:])
-                self.engine.backward(loss)
-                loss_sum += loss.detach().double()
-                if m == self.gas - 1:
-                    # gradients are complete (accumulated and reduced) before step()
-                    if step in self.args.dump_grads:
-                        td = time.perf_counter()
-                        self._dump("grads", step, full_grads(self.engine))
-                        excluded += time.perf_counter() - td
-                    if own_norm:
-                        norm = self._own_grad_norm()
-                    lr = float(self.torch_optimizer.param_groups[0]["lr"])
-                self.engine.step()
-            if norm is None:
-                norm = self.engine.get_global_grad_norm()
-                norm = float(norm) if norm is not None else float("nan")
-            loss_mean = self._all_mean(loss_sum / self.gas)
-            if step in self.args.dump_params:
-                td = time.perf_counter()
-                self._dump("params", step, full_params(self.engine))
-                excluded += time.perf_counter() - td
-            self._sync()
-            dt = time.perf_counter() - t0 - excluded
-            step_times.append(dt)
-            tps = tokens_per_step / dt
-            record: dict[str, Any] = {
-                "step": step, "loss": loss_mean, "grad_norm": norm, "lr": lr,
-                "tokens_per_s": tps,
-                "mfu": flops.mfu(tps, cfg.model, self.seq_len, self.device_name),
-                "batch_fingerprint": (fingerprint(self.data.global_batch(step))
-                                      if self.rank == 0 else None),
-                "wall_time": time.time(),
-            }
-            last = step + 1 == t.steps
-            if t.eval_every and ((step + 1) % t.eval_every == 0 or last) \
-                    and self.data.num_val_windows > 0:
-                record["val_loss"] = self.evaluate()
-            if writer is not None:
-                writer.write(record)
-                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{tps:.0f}")
-                if (step + 1) % t.log_every == 0 or last:
-                    val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-                    bar.write(f"step {step:6d} loss {loss_mean:.4f} grad_norm {norm:.4f} "
-                              f"lr {lr:.3e} tokens/s/proc {tps:,.0f}{val}")
-            bar.update(1)
-            if (t.ckpt_every and (step + 1) % t.ckpt_every == 0) or last:
-                self.save_checkpoint(step + 1)
-        bar.close()
-        if writer is not None:
-            writer.close()
-        self.export_weights(self.out_dir / FINAL_WEIGHTS)
-        launch = float(os.environ.get(LAUNCH_TIME_ENV, "nan"))
-        return self._summary(step_times, start, launch, first_step_wall)
-
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -373,6 +466,7 @@ class Trainer:
             "resumed_from_step": start,
             "num_devices": self.world,
             "zero_stage": cfg.zero.stage,
+            "zero_profile": cfg.zero.profile,
             "device_kind": self.device_name,
             "tokens_per_s": tps,
             "tokens_per_s_total": tps * self.world if tps is not None else None,
