@@ -216,3 +216,31 @@ def test_model_attention_paths_agree() -> None:
     assert diff <= LOGIT_ATOL, diff
     with pytest.raises(ValueError, match="attention='fast'"):
         Llama(cfg.model, attention="fast")
+
+
+# On CUDA the bench profile allows only fused kernels (no math fallback), so running at
+# all proves one was found. fp32 (TF32 off): the memory-efficient kernel, a few fp32 ulps
+# like the CPU kernels; bf16: inputs rounded to bf16 first, the reference is float64 on
+# those same values, and the kernel rounds the probabilities and the output to bf16:
+# at |out| < 2 one bf16 ulp is 2^-7 = 7.8e-3, the bound used here.
+CUDA_ATTN_ATOL = {"fp32": 1e-5, "bf16": 2.0 ** -7}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_flash_attention_on_cuda(precision: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from torchlm.model import attention_flash
+
+    api.configure_torch()  # TF32 off
+    dtype = api.compute_dtype(precision)
+    g = torch.Generator().manual_seed(1)
+    # llama-1b's head layout: 32 query heads over 8 kv heads, head dim 64
+    q, k, v = (torch.randn(2, h, 512, 64, generator=g).to(dtype) for h in (32, 8, 8))
+    want = attention_float64(q.double(), k.double(), v.double())
+    got = attention_flash(q.cuda(), k.cuda(), v.cuda())
+    assert got.dtype == dtype
+    err = (got.double().cpu() - want).abs().max().item()
+    print(f"cuda {precision} flash attention max abs err {err:.3e}")  # noqa: T201
+    assert err <= CUDA_ATTN_ATOL[precision], err
