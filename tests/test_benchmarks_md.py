@@ -61,9 +61,9 @@ def test_block_from_synthetic_results(tmp_path):
     assert "- failed: bf16 zero2: gap/floor over 50 steps: 1.37 (limit <= 1)" in block
     rows = [ln for ln in block.splitlines() if ln.startswith("| llama-125m")]
     assert rows == [
-        "| llama-125m | 2 | bench | 165,400 | 52,000 | 3.18 | 0.413 | 0.13 | 0.0991 | 0.315 "
+        "| llama-125m | 1 | 2 | bench | 165,400 | 52,000 | 3.18 | 0.413 | 0.13 | 0.0991 | 0.315 "
         "| 3,000 | 3,000 | 12.5 | 12.5 |",
-        "| llama-125m | 3 | bench | 165,400 | 40,000 | 4.13 | 0.413 | 0.1 | 0.0991 | 0.41 "
+        "| llama-125m | 1 | 3 | bench | 165,400 | 40,000 | 4.13 | 0.413 | 0.1 | 0.0991 | 0.41 "
         "| 3,000 | 3,000 | 12.5 | 12.5 |"]
     assert "- llama-1b: failed (see bench-llama-1b.log)" in block
     assert "- llama-125m: bf16, seq_len 2048, global batch 8 (micro 1)" in block

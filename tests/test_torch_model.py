@@ -220,10 +220,11 @@ def test_model_attention_paths_agree() -> None:
 
 # On CUDA the bench profile allows only fused kernels (no math fallback), so running at
 # all proves one was found. fp32 (TF32 off): the memory-efficient kernel, a few fp32 ulps
-# like the CPU kernels; bf16: inputs rounded to bf16 first, the reference is float64 on
-# those same values, and the kernel rounds the probabilities and the output to bf16:
-# at |out| < 2 one bf16 ulp is 2^-7 = 7.8e-3, the bound used here.
-CUDA_ATTN_ATOL = {"fp32": 1e-5, "bf16": 2.0 ** -7}
+# like the CPU kernels (1e-5 allows 10x the CPU bound). bf16: inputs rounded to bf16
+# first and the reference is float64 on those same values; the kernel rounds the softmax
+# probabilities (relative 2^-9 each) before P @ V and rounds the output (relative 2^-9),
+# so |error| <= 2^-8 * max|v| (measured on an H100: 8.1e-3, with max|v| 5.19 the bound is 2.0e-2).
+CUDA_FP32_ATTN_ATOL = 1e-5
 
 
 @pytest.mark.gpu
@@ -243,4 +244,5 @@ def test_flash_attention_on_cuda(precision: str) -> None:
     assert got.dtype == dtype
     err = (got.double().cpu() - want).abs().max().item()
     print(f"cuda {precision} flash attention max abs err {err:.3e}")  # noqa: T201
-    assert err <= CUDA_ATTN_ATOL[precision], err
+    bound = CUDA_FP32_ATTN_ATOL if precision == "fp32" else 2.0**-8 * v.abs().max().item()
+    assert err <= bound, (err, bound)
