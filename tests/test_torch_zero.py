@@ -325,6 +325,22 @@ def test_row_offset_on_one_rank_changes_the_fingerprint(tmp_path, data) -> None:
 
 
 @pytest.mark.slow
+def test_bench_profile_trains_like_plain_torch(runs, reference, cfg) -> None:
+    """zero.profile=bench (overlap_comm, fused AdamW, flash attention) is a speed profile,
+    not another optimizer: same limits against plain torch as the parity profile."""
+    out = runs.get("zero.stage=2", "train.precision=fp32", "zero.profile=bench",
+                   "--init-weights", str(runs.init_file), "--dump-params", str(STEPS - 1))
+    recs = read_metrics(out / "metrics.jsonl")
+    loss_d = [rel(r["loss"], reference.losses[i]) for i, r in enumerate(recs)]
+    print(f"bench profile: max loss rel diff {max(loss_d):.2e}")  # noqa: T201
+    assert len(recs) == STEPS and max(loss_d) <= LOSS_RTOL
+    p_last = load_safetensors(out / "dumps" / f"params_step{STEPS - 1}.safetensors")
+    worst_p = max(tensor_rel(p_last[k], reference.params[STEPS - 1][k]) for k in p_last)
+    assert worst_p <= PARAM_RTOL, worst_p
+    assert json.loads((out / "run_summary.json").read_text())["zero_profile"] == "bench"
+
+
+@pytest.mark.slow
 def test_world_size_one(tmp_path, reference, runs) -> None:
     out = tmp_path / "ws1"
     check_ok(run_train(out, "zero.world_size=1", "zero.stage=2", "train.steps=2",
