@@ -129,9 +129,10 @@ def parity_section(results: Path) -> list[str]:
     return lines + [""]
 
 
-BENCH_HEADER = ("| model | micro batch | ZeRO | DeepSpeed profile | tokens/s/dev JAX | tokens/s/dev DeepSpeed "
-                "| JAX/DeepSpeed | MFU JAX | MFU DeepSpeed | step s JAX | step s DeepSpeed "
-                "| peak MiB JAX | peak MiB DeepSpeed | compile s JAX | start-up s DeepSpeed |")
+BENCH_HEADER = ("| model | micro batch | ZeRO | DeepSpeed profile | tokens/s/dev JAX "
+                "| tokens/s/dev DeepSpeed | JAX/DeepSpeed | MFU JAX | MFU DeepSpeed "
+                "| step s JAX | step s DeepSpeed | peak MiB JAX | peak MiB DeepSpeed "
+                "| compile s JAX | start-up s DeepSpeed |")
 
 
 def bench_rows(res: dict[str, Any]) -> list[str]:
