@@ -21,9 +21,11 @@ every ``eval_every`` steps and at the last one) is the token mean over
 ``train.eval_batches`` validation batches of ``global_batch_size`` windows, with the
 weights after that step's update.
 
-The step loop reads nothing back from the device per micro-step: losses stay on the
-device and the step's figures (loss, norm, row digests) come to the host in one
-transfer after the optimizer step.
+The step loop reads nothing back from the device per micro-step: a step's rows go to
+the device in one (pinned, asynchronous) copy, losses stay on the device, and the step's
+figures (loss, norm, every rank's row digests) come to the host in one transfer after the
+optimizer step; the only other wait is the device synchronize that starts the step clock.
+(DeepSpeed's own ``step()`` may still read its norm; that is inside DeepSpeed.)
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ class StepOutput:
     lr: float
     digests: np.ndarray  # uint64 (G*b,): this rank's row digests, micro-step major
     excluded_s: float = 0.0  # time spent on dumps, not counted in the step time
-    host: dict[str, Any] = field(default_factory=dict)
+    host: dict[str, Any] = field(default_factory=dict)  # filled by Trainer.gather_step
 
 
 class Trainer:
