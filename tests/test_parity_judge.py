@@ -73,9 +73,9 @@ def _update_case(rng, grad_err, flip_small=0.0):
     g_ref = g + grad_err * rng.standard_normal(g.shape)
     g_test = g + grad_err * rng.standard_normal(g.shape)
     g_test.ravel()[0] += flip_small
-    x = J.UpdateInputs(init=p, grad_truth=g, update_truth=J.adam_first_step(g, p, lr, eps, wd, clip),
-                       update_test=side(g_test), update_ref=side(g_ref),
-                       update_ref_truth=J.adam_first_step(g, p, lr, eps, wd, clip),
+    u = J.adam_first_step(g, p, lr, eps, wd, clip)
+    x = J.UpdateInputs(init=p, grad_truth=g, update_truth=u,
+                       update_test=side(g_test), update_ref=side(g_ref), update_ref_truth=u,
                        grad_ref=g_ref, lr=lr, eps=eps, clip=clip)
     return x
 
