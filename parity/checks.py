@@ -214,9 +214,14 @@ def bf16_checks(runs: Mapping[str, RunData], truth: Truth, zero_stages: Sequence
         p, w = J.worst(gj)
         checks.append(C.judged_check(f"{tag}: grad vs float64 (worst tensor)", "bf16.grad", w,
                                      param=p, noise_from=f"ds zero{s} bf16 vs float64"))
+        # two bf16 implementations with different kernels also differ, at every step, by
+        # their own rounding of the loss (DeepSpeed's step-0 distance from float64, once
+        # per side): the stage pair shares torch's kernels and lacks that term
+        noise = math.hypot(floor, math.sqrt(2.0) * e_ds)
         jc = J.Judged(value=J.rms_diff(lj, ld),
-                      limit=L.limit("bf16.curve").threshold * floor, noise=floor,
-                      detail={"steps": n, "floor_from": floor_name})
+                      limit=L.limit("bf16.curve").threshold * noise, noise=noise,
+                      detail={"steps": n, "stage_floor": floor, "stage_floor_from": floor_name,
+                              "step0_ds_vs_float64": e_ds})
         checks.append(C.judged_check(f"{tag}: loss curve vs DeepSpeed stage-to-stage "
                                      f"({n} steps)", "bf16.curve", jc))
         checks.append(fingerprint_check(f"{tag}: batch fingerprint mismatches", [(jax, ds)]))

@@ -185,8 +185,8 @@ def judge_update(x: UpdateInputs, multiple: float = L.FP32_UPDATE_MULTIPLE,
     - gradient allowance per element: the updates reachable from gradients within
       ``delta = grad_multiple * max|g_ref - g_truth| + ulp(g_truth)`` of the truth
       (the test side's gradient may be ``grad_multiple`` x as wrong as the reference's);
-    - ill-conditioned elements: those whose gradient allowance exceeds one parameter ulp;
-      each must stay within ``gradient allowance + r``;
+    - ill-conditioned elements: those whose gradient allowance exceeds their rounding
+      allowance ``r``; each must stay within ``gradient allowance + r``;
     - the others together: ``||test - truth|| <= multiple * ||ref - truth|| + ||r||``.
     The worse of the two parts is returned (its ``detail['part']`` says which)."""
     p_after = x.init + x.update_truth
@@ -194,7 +194,7 @@ def judge_update(x: UpdateInputs, multiple: float = L.FP32_UPDATE_MULTIPLE,
     ref_grad_err = float(np.max(np.abs(x.grad_ref - x.grad_truth))) if x.grad_ref.size else 0.0
     delta = grad_multiple * ref_grad_err + ulp32(x.grad_truth)
     w = adam_interval_halfwidth(x.grad_truth, delta, x.lr, x.eps, x.clip)
-    ill = w > ulp32(p_after)
+    ill = w > r
     scale = _l2(x.update_truth)
     d_test = x.update_test - x.update_truth
     d_ref = x.update_ref - x.update_ref_truth
