@@ -130,6 +130,11 @@ def test_full_run_with_fake_trainers_passes(cfg, tmp_path, capsys):
     assert "| margin |" in (out / "report.md").read_text().splitlines()[4]
     assert finish(res) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+    # --reuse-runs judges the same runs again without training: the same verdicts
+    again = P.run_parity(cfg, opts(tmp_path, steps_fp32=20, steps_bf16=50, reuse_runs=True,
+                                   trainer_cmd=lambda side: ["false"]))
+    assert [(c["name"], c["value"]) for c in again["checks"]] == \
+        [(c["name"], c["value"]) for c in res["checks"]]
 
 
 @pytest.mark.parametrize("fault,failing", [
