@@ -113,3 +113,25 @@ def test_limits_have_reasons_and_sane_multiples():
     assert 0 < L.limit("bf16.is_bf16").threshold < 1
     with pytest.raises(ValueError, match="unknown limit"):
         L.limit("nope")
+
+
+def test_update_well_conditioned_only_tensor():
+    """No element near eps: only the L2 part judges; one ulp of p per element passes, a
+    decay coefficient 10% off fails."""
+    rng = np.random.default_rng(4)
+    lr, eps, wd = 1e-4, 1e-8, 0.1
+    p = rng.standard_normal((32, 16)) * 0.02
+    g = np.sign(rng.standard_normal((32, 16))) * (1e-3 + rng.random((32, 16)) * 1e-3)
+    u = J.adam_first_step(g, p, lr, eps, wd, 1.0)
+
+    def stored(uu):
+        return (p + uu).astype(np.float32).astype(np.float64) - p
+
+    base = dict(init=p, grad_truth=g, update_truth=u, update_ref=stored(u), update_ref_truth=u,
+                grad_ref=g + 1e-11 * rng.standard_normal(g.shape), lr=lr, eps=eps, clip=1.0)
+    ok = J.judge_update(J.UpdateInputs(update_test=stored(u), **base), 4.0, 4.0)
+    assert ok.passed and ok.detail["ill_conditioned"] == 0
+    assert ok.detail["part"] == "well-conditioned elements (L2)"
+    off = stored(J.adam_first_step(g, p, lr, eps, 1.1 * wd, 1.0))
+    bad = J.judge_update(J.UpdateInputs(update_test=off, **base), 4.0, 4.0)
+    assert not bad.passed
