@@ -144,7 +144,7 @@ def fp32_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray], tru
         lj, ld = jax.series("loss", n), ds.series("loss", n)
         e0 = abs(float(ld[0]) - truth.loss)
         noise = math.hypot(floor, e0)
-        ulp = float(J.ulp32(truth.loss))
+        ulp = L.FP32_LOSS_ULPS * float(J.ulp32(truth.loss))
         jl = J.Judged(value=J.rms_diff(lj, ld),
                       limit=L.limit("fp32.loss").threshold * noise + ulp, noise=noise,
                       detail={"steps": n, "stage_floor": floor, "stage_floor_from": floor_name,

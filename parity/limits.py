@@ -55,6 +55,10 @@ UPDATE_ULPS_PARAM = 1.0
 # bias corrections computed in fp32 (up to ~2 ulp each), square, sqrt, + eps, divide, lr
 # scale, decay (0.5 ulp each). Worst clean: optax 3.8 ulp(u) from exact where p ~ 0.
 UPDATE_ULPS_STEP = 10.0
+# fp32 loss curve: the logged loss is an fp32 number after a few fp32 operations per side
+# (token mean, / micro-steps, sum over micro-steps, rank mean): two faithful sides sit a
+# couple of ulps apart even where the stage pair is bitwise equal (odd shapes: 0.7 ulp RMS).
+FP32_LOSS_ULPS = 2.0
 # bf16 step-0 loss: a token mean whose per-token terms each carry ~1 bf16 rounding
 # (2**-8 relative at most) has an error of about 2**-8 * |loss| / sqrt(tokens).
 BF16_LOSS_ROUNDING = 2.0 ** -8
@@ -84,7 +88,7 @@ LIMITS: dict[str, Limit] = {
               "by their gradient-rounding interval), worst tensor", True),
         Limit("fp32.loss", FP32_LOSS_MULTIPLE, "<=",
               f"RMS|loss_jax - loss_ds| over {FP32_LOSS_STEPS} steps <= m * (DeepSpeed "
-              "stage-vs-stage RMS (+) step-0 distance from float64) + 1 ulp", True),
+              "stage-vs-stage RMS (+) step-0 distance from float64) + 2 ulp", True),
         # bf16
         Limit("bf16.logits", BF16_LOGITS_MULTIPLE, "<=",
               "bf16 forward logits: ||jax - truth|| <= m * ||torch bf16 - truth||", True),
