@@ -13,8 +13,9 @@ Result schema (keys the writers read; all optional except ``checks``)::
     series:      {label: {side, precision, zero_stage, step: [...], loss: [...],
                           grad_norm: [...], lr: [...], batch_fingerprint: [...]}}
     pairs:       [{name, precision, test, ref, loss_abs_diff: [...],
-                   floor_name, floor_abs_diff: [...], grad: {param: {rel_err, cosine}},
-                   update: {param: {rel_err, cosine}}}]
+                   floor_name, floor_abs_diff: [...],   # the stage-to-stage distance
+                   grad: {param: {rel_err, noise, limit, margin, cosine}},
+                   update: {param: {rel_err, noise, limit, margin}}}]
     throughput:  {label: {tokens_per_s, tokens_per_s_total, step_time_s, mfu,
                           peak_memory_bytes, compile_s | startup_s, num_devices, device_kind}}
     checks:      [{name, value, limit, op, passed, key, detail, noise, margin}]
