@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -17,12 +18,36 @@ from lmspec.config import ConfigError, ExperimentConfig, load_config
 EXIT_USAGE = 2
 
 
+OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """``CONFIG [key=value ...]`` on ``parser``, with the overrides accepted anywhere on
+    the command line (``CONFIG --out DIR k=v`` as well as ``CONFIG k=v --out DIR``).
+
+    argparse gives the positional ``overrides`` only the words that come before the first
+    option; the words it does not place elsewhere are picked up here, in command-line
+    order, when they look like ``dotted.key=value``. Anything else stays unrecognised
+    (argparse's usual error). Works for a parser used directly or as a subcommand."""
     parser.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value",
-        help="dotted overrides, e.g. train.steps=20 mesh.fsdp=2",
+        help="dotted overrides, e.g. train.steps=20 mesh.fsdp=2 (anywhere on the line)",
     )
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's
+        ns, extras = parse_known(args, namespace)
+        rest = []
+        for word in extras:
+            if OVERRIDE_RE.match(word):
+                ns.overrides = [*(getattr(ns, "overrides", None) or []), word]
+            else:
+                rest.append(word)
+        return ns, rest
+
+    # an instance attribute: argparse calls it for a subcommand's parser too
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:

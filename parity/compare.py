@@ -216,7 +216,11 @@ def fingerprint_mismatches(test_records: Sequence[Mapping[str, Any]],
 
 @dataclass
 class Check:
-    """One judged figure: ``{name, value, limit, passed}`` plus how it is judged."""
+    """One judged figure: ``{name, value, limit, passed}`` plus how it is judged.
+
+    ``noise`` is the reference's own distance (from the float64 truth, or between two
+    reference runs) the limit was derived from; ``margin`` is ``value / limit`` for
+    ``<=`` and ``limit / value`` for ``>=``, so <= 1 passes either way."""
 
     name: str
     value: float
@@ -225,21 +229,50 @@ class Check:
     passed: bool
     key: str
     detail: dict[str, Any] = field(default_factory=dict)
+    noise: float | None = None
+    margin: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        v = d["value"]
-        if isinstance(v, float) and not math.isfinite(v):
-            d["value"] = str(v)  # JSON has no inf/nan
+        for k in ("value", "noise", "margin", "limit"):
+            v = d[k]
+            if isinstance(v, float) and not math.isfinite(v):
+                d[k] = str(v)  # JSON has no inf/nan
         return d
 
 
+def _margin(value: float, threshold: float, op: str) -> float:
+    from parity.judge import safe_margin
+
+    return safe_margin(threshold, value) if op == ">=" else safe_margin(value, threshold)
+
+
 def make_check(name: str, key: str, value: float, **detail: Any) -> Check:
-    """Judge ``value`` against the limit ``key`` of :mod:`parity.limits`."""
+    """Judge ``value`` against the fixed limit ``key`` of :mod:`parity.limits`."""
     lim = limit(key)
     value = float(value)
     return Check(name=name, value=value, limit=lim.threshold, op=lim.op,
-                 passed=lim.passes(value), key=key, detail=detail)
+                 passed=lim.passes(value), key=key, detail=detail,
+                 margin=_margin(value, lim.threshold, lim.op))
+
+
+def judged_check(name: str, key: str, judged: Any, **detail: Any) -> Check:
+    """A check from a :class:`parity.judge.Judged` (limit derived from measured noise)."""
+    lim = limit(key)
+    if judged.op != lim.op:
+        raise AssertionError(f"{key}: judged with {judged.op}, limit says {lim.op}")
+    d = {**judged.detail, **detail, "multiple": lim.threshold}
+    return Check(name=name, value=float(judged.value), limit=float(judged.limit), op=lim.op,
+                 passed=judged.passed, key=key, detail=d,
+                 noise=None if judged.noise is None else float(judged.noise),
+                 margin=float(judged.margin))
+
+
+def nan_check(name: str, key: str, why: str) -> Check:
+    """A check whose inputs are missing (a run failed): NaN, failed."""
+    lim = limit(key)
+    return Check(name=name, value=math.nan, limit=math.nan if lim.judged else lim.threshold,
+                 op=lim.op, passed=False, key=key, detail={"missing": why})
 
 
 def worst(stats: Mapping[str, Mapping[str, float]], field_: str, *, largest: bool = True

@@ -58,7 +58,8 @@ def failure_message(result: Mapping[str, Any]) -> str:
     for c in failing_checks(result):
         detail = ", ".join(f"{k}={v}" for k, v in (c.get("detail") or {}).items())
         lines.append(f"  {c['name']}: {fmt(c['value'])} (limit {c.get('op', '<=')} "
-                     f"{fmt(c['limit'])})" + (f" [{detail}]" if detail else ""))
+                     f"{fmt(c['limit'])}, noise {fmt(c.get('noise'))}, margin "
+                     f"{fmt(c.get('margin'))})" + (f" [{detail}]" if detail else ""))
     for e in result.get("errors") or []:
         lines.append("  error: " + e.replace("\n", "\n    "))
     if not result.get("checks"):
@@ -131,6 +132,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
         for c in checks:
             tr.write_line(f"  {c['name']:<{width}}  {fmt(c['value']):>10}  "
                           f"{c.get('op', '<='):>2} {fmt(c['limit']):<10}  "
+                          f"margin {fmt(c.get('margin')):<10}  "
                           f"{'pass' if c['passed'] else 'FAIL'}")
         for e in result.get("errors") or []:
             tr.write_line(f"  error: {e.splitlines()[0]}")

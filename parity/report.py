@@ -13,11 +13,15 @@ Result schema (keys the writers read; all optional except ``checks``)::
     series:      {label: {side, precision, zero_stage, step: [...], loss: [...],
                           grad_norm: [...], lr: [...], batch_fingerprint: [...]}}
     pairs:       [{name, precision, test, ref, loss_abs_diff: [...],
-                   floor_name, floor_abs_diff: [...], grad: {param: {rel_err, cosine}},
-                   update: {param: {rel_err, cosine}}}]
+                   floor_name, floor_abs_diff: [...],   # the stage-to-stage distance
+                   grad: {param: {rel_err, noise, limit, margin, cosine}},
+                   update: {param: {rel_err, noise, limit, margin}}}]
     throughput:  {label: {tokens_per_s, tokens_per_s_total, step_time_s, mfu,
                           peak_memory_bytes, compile_s | startup_s, num_devices, device_kind}}
-    checks:      [{name, value, limit, op, passed, key, detail}]
+    checks:      [{name, value, limit, op, passed, key, detail, noise, margin}]
+                 # noise: the reference's own distance the limit came from (or null);
+                 # margin: value/limit (limit/value for ">="), <= 1 passes
+    diagnosis:   {headline?, failing, info: [...], ...}  # headline: where it went wrong
     info:        [{name, value, note}]   # reported figures that have no limit
     errors:      [text]                  # phases that failed; any error fails the run
 """
@@ -99,20 +103,32 @@ def _json_safe(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- markdown
 
 
-def _floor_text(c: Mapping[str, Any]) -> str:
-    """The noise floor of a check: the same statistic between two reference set-ups."""
-    f = (c.get("detail") or {}).get("floor")
-    return "-" if f is None else fmt(f)
+def _noise_text(c: Mapping[str, Any]) -> str:
+    """The noise the check's limit came from (the reference's own distance)."""
+    n = c.get("noise")
+    if n is None:
+        n = (c.get("detail") or {}).get("floor")
+    return "-" if n is None else fmt(n)
+
+
+def _margin_text(c: Mapping[str, Any]) -> str:
+    m = c.get("margin")
+    return "-" if m is None else fmt(m)
 
 
 def checks_table_md(checks: list[Mapping[str, Any]]) -> str:
-    lines = ["| check | value | limit | noise floor | result |", "|---|---|---|---|---|"]
+    lines = ["| check | value | limit | noise | margin | result |", "|---|---|---|---|---|---|"]
     for c in checks:
         lines.append(
             f"| {c['name']} | {fmt(c['value'])} | {c.get('op', '<=')} {fmt(c['limit'])} | "
-            f"{_floor_text(c)} | {'pass' if c['passed'] else '**FAIL**'} |"
+            f"{_noise_text(c)} | {_margin_text(c)} | {'pass' if c['passed'] else '**FAIL**'} |"
         )
     return "\n".join(lines)
+
+
+def headline(result: Mapping[str, Any]) -> str | None:
+    """The diagnosis headline (where the port went wrong), when there is one."""
+    return (result.get("diagnosis") or {}).get("headline")
 
 
 def render_markdown(result: Mapping[str, Any]) -> str:
@@ -121,7 +137,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     ok = all_passed(result)
     name = (result.get("config") or {}).get("name", "?")
     n_fail = len(failing_checks(result))
-    out = [
+    out = [f"**Diagnosis: {headline(result)}**", ""] if headline(result) else []
+    out += [
         f"## Parity report: `{name}` - {'PASS' if ok else 'FAIL'}",
         "",
         f"{len(checks)} checks, {n_fail} failed"
@@ -249,23 +266,16 @@ def make_plots(result: Mapping[str, Any]) -> dict[str, str]:
             names: list[str] = []
             for k, p in enumerate(pp for pp in grad_pairs if pp.get("precision") == prec):
                 names = list(p["grad"])
-                if prec == "bf16":
-                    vals = [1.0 - p["grad"][n]["cosine"] for n in names]
-                else:
-                    vals = [p["grad"][n]["rel_err"] for n in names]
+                vals = [p["grad"][n].get("margin", math.nan) for n in names]
                 ax.semilogy(range(len(names)), _positive(vals), "osd^v"[k % 5], ms=3.5,
                             alpha=0.8, label=p["name"])
-            if prec == "bf16":
-                ylabel, lim = "1 - cosine", 1.0 - _check_limit(result, "bf16.grad_cosine", 0.99)
-            else:
-                ylabel, lim = "relative L2 error", _check_limit(result, "fp32.grad_rel_err", None)
-            if lim is not None:
-                ax.axhline(lim, color="r", linestyle=":", label="limit")
+            ax.axhline(1.0, color="r", linestyle=":", label="limit (margin 1)")
             ax.legend(fontsize=7)
             ax.set_xticks(range(len(names)))
             ax.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=6)
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"step-0 gradient per parameter, {prec}: jax vs deepspeed", fontsize=9)
+            ax.set_ylabel("margin: distance from float64 / allowed")
+            ax.set_title(f"step-0 gradient per parameter, {prec}: jax's distance from the "
+                         "float64 truth over its limit", fontsize=9)
         fig.tight_layout()
         plots["grad_error"] = _png(fig)
 
@@ -282,13 +292,6 @@ def make_plots(result: Mapping[str, Any]) -> dict[str, str]:
         a2.set_yticklabels([])
         plots["throughput"] = _png(fig)
     return plots
-
-
-def _check_limit(result: Mapping[str, Any], key: str, default: float | None) -> float | None:
-    for c in result.get("checks") or []:
-        if c.get("key") == key:
-            return float(c["limit"])
-    return default
 
 
 def _short(name: str) -> str:
@@ -316,6 +319,7 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
     ok = all_passed(result)
     name = (result.get("config") or {}).get("name", "?")
     checks = result.get("checks") or []
+    head_line = headline(result)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>parity report: {html.escape(str(name))}</title><style>",
@@ -326,6 +330,8 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
         ".verdict{font-size:1.4em;font-weight:bold}"
         ".PASS{color:#080}.FAIL{color:#c00}img{max-width:100%}",
         "</style></head><body>",
+        (f"<p class='diagnosis'><b>Diagnosis: {html.escape(str(head_line))}</b></p>"
+         if head_line else ""),
         f"<h1>Parity report: {html.escape(str(name))}</h1>",
         f"<p class='verdict {'PASS' if ok else 'FAIL'}'>{'PASS' if ok else 'FAIL'}: "
         f"{len(checks)} checks, {len(failing_checks(result))} failed</p>",
@@ -335,9 +341,9 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
             f"<li><pre>{html.escape(str(e))}</pre></li>" for e in result["errors"]) + "</ul>")
     parts.append("<h2>Checks</h2>")
     parts.append(_table_html(
-        ["check", "value", "limit", "noise floor", "result", "detail"],
-        [[c["name"], fmt(c["value"]), f"{c.get('op', '<=')} {fmt(c['limit'])}", _floor_text(c),
-          "pass" if c["passed"] else "FAIL",
+        ["check", "value", "limit", "noise", "margin", "result", "detail"],
+        [[c["name"], fmt(c["value"]), f"{c.get('op', '<=')} {fmt(c['limit'])}", _noise_text(c),
+          _margin_text(c), "pass" if c["passed"] else "FAIL",
           ", ".join(f"{k}={_detail(v)}" for k, v in (c.get("detail") or {}).items())]
          for c in checks],
         ["pass" if c["passed"] else "fail" for c in checks],
@@ -351,7 +357,7 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
     titles = {
         "loss_curves": "Loss curves (JAX solid, DeepSpeed dashed)",
         "loss_diff": "|loss difference| per step against the noise floor (log scale)",
-        "grad_error": "Per-parameter step-0 gradient error",
+        "grad_error": "Per-parameter step-0 gradient margin (<= 1 passes)",
         "throughput": "Throughput and memory",
     }
     for key, title in titles.items():

@@ -52,6 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="kill a trainer after S seconds (default 1800)")
     p.add_argument("--no-forward", action="store_true",
                    help="skip the in-process forward comparison")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="train nothing: judge the runs an earlier `parity run` with the same "
+                   "config and options left under DIR/runs (e.g. after a limit changed)")
     p.set_defaults(func=_run)
     return p
 
@@ -63,20 +66,26 @@ def _run(args: argparse.Namespace) -> int:
     opts = ParityOptions(out=args.out, zero_stages=args.zero_stages,
                          precisions=args.precisions, steps_fp32=args.steps_fp32,
                          steps_bf16=args.steps_bf16, jax_devices=args.jax_devices,
-                         run_timeout_s=args.run_timeout, forward=not args.no_forward)
+                         run_timeout_s=args.run_timeout, forward=not args.no_forward,
+                         reuse_runs=args.reuse_runs)
     result = run_parity(cfg, opts, config_source=args.config)
     return finish(result)
 
 
 def finish(result: dict) -> int:
-    """Print the verdict (failing checks with their numbers) and, last, the report path."""
+    """Print the diagnosis headline (first, when there is one), the verdict (failing
+    checks with their numbers) and, last, the report path."""
     from parity.report import all_passed, failing_checks, fmt
 
+    headline = (result.get("diagnosis") or {}).get("headline")
+    if headline:
+        print(f"DIAGNOSIS {headline}", flush=True)
     checks = result.get("checks") or []
     bad = failing_checks(result)
     for c in bad:
         print(f"FAILED {c['name']}: {fmt(c['value'])} (limit {c.get('op', '<=')} "
-              f"{fmt(c['limit'])})", flush=True)
+              f"{fmt(c['limit'])}, noise {fmt(c.get('noise'))}, margin "
+              f"{fmt(c.get('margin'))})", flush=True)
     for e in result.get("errors") or []:
         print(f"ERROR {e.splitlines()[0]}", flush=True)
     ok = all_passed(result)

@@ -10,7 +10,8 @@ ZeRO 0-1, 700 at ZeRO-2, 600 at ZeRO-3): a loss curve shared by every run plus s
 seeded, per-run deviations sized like real ones (fp32: ~1e-7 relative; bf16: ~1e-3,
 with JAX bf16 close to DeepSpeed bf16). ``PARITY_FAKE_FAULT=SIDE:PREC:WHAT`` plants one
 fault to prove that the harness catches it; WHAT is ``loss`` (1e-3 relative at step 5),
-``grad`` (one parameter's gradient scaled by 1.01), ``fingerprint`` (step 3's fingerprint
+``grad`` (one parameter's gradient scaled by 1.01), ``fp32`` (a bf16 run with fp32-sized
+gradient noise, as if it silently ran in fp32), ``fingerprint`` (step 3's fingerprint
 changed), ``crash`` (exit status 3 after two steps) or ``slow`` (sleeps, for timeouts).
 """
 
@@ -34,6 +35,25 @@ from lmspec.weights import init_weights, load_safetensors, save_safetensors
 
 def _rng(*parts: object) -> np.random.Generator:
     return np.random.default_rng([zlib.crc32(repr(parts).encode())])
+
+
+def true_grads(w0: dict) -> dict[str, np.ndarray]:
+    """The fake's "true" step-0 gradient (float64), shared by every run."""
+    return {k: _rng("grad", k).standard_normal(v.shape).astype(np.float64) * 1e-2
+            for k, v in sorted(w0.items())}
+
+
+def base_loss(n: int) -> np.ndarray:
+    """The fake's shared loss curve."""
+    return 6.2 - 2.0 * (1 - np.exp(-np.arange(n) / 15.0))
+
+
+def fake_truth(cfg, weights, batch, forward_tokens):  # noqa: ANN001, ANN201 - harness seam
+    """The float64 truth of the fake runs (``ParityOptions.truth_fn``)."""
+    from parity.truth import Truth
+
+    return Truth(logits=None, loss=float(base_loss(1)[0]), grads=true_grads(weights),
+                 tokens=int(batch.shape[0] * (batch.shape[1] - 1)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,18 +87,20 @@ def main(argv: list[str] | None = None) -> int:
           else init_weights(cfg.model, cfg.train.seed))
 
     # fp32: a shared "true" gradient plus tiny per-run noise; bf16: larger noise
-    true_g = {k: _rng("grad", k).standard_normal(v.shape).astype(np.float64) * 1e-2
-              for k, v in w0.items()}
+    true_g = true_grads(w0)
     run_id = (side, prec, stage)
-    scale = 1e-7 if prec == "fp32" else 1e-3
+    scale = 1e-7 if prec == "fp32" or (faulty and what == "fp32") else 1e-3
     grads = {k: (g + scale * np.abs(g).mean() * _rng("gnoise", run_id, k)
                  .standard_normal(g.shape)).astype(np.float32) for k, g in true_g.items()}
     if faulty and what == "grad":
         name = sorted(grads)[0]
         grads[name] = grads[name] * np.float32(1.01)
-    lr0 = lr_at(0, cfg.optim)
-    params = {k: (w0[k] - lr0 * np.sign(true_g[k]) * (1 + scale * 1e-2)).astype(np.float32)
-              for k in w0}
+    # the first update: exact AdamW of this run's gradient, with its side's clipping
+    from parity.compare import adamw_first_update
+
+    clip_eps = 0.0 if side == "jax" else 1e-6
+    params = {k: (w0[k] + adamw_first_update(grads, w0, cfg.optim, k, clip_eps)
+                  ).astype(np.float32) for k in w0}
     dumps = out / "dumps"
     if "0" in args.dump_grads.split(","):
         save_safetensors(grads, dumps / "grads_step0.safetensors")
@@ -88,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     # loss: shared curve + run noise. JAX bf16 follows DeepSpeed bf16 closely (a
     # faithful port), DeepSpeed bf16 departs from fp32 by bf16-sized noise
     n = cfg.train.steps
-    base = 6.2 - 2.0 * (1 - np.exp(-np.arange(n) / 15.0))
+    base = base_loss(n)
     fp32_noise = 1e-7 * _rng("loss32", side, stage).standard_normal(n)
     bf16_dev = 3e-3 * _rng("loss16").standard_normal(n)
     port_dev = 1e-4 * _rng("port16", side, stage).standard_normal(n)

@@ -8,31 +8,24 @@ import numpy as np
 import pytest
 
 from parity import compare as C
-from parity.limits import BF16_EARLY_STEPS, BF16_STEPS, FP32_LOSS_STEPS, LIMITS, limit
+from parity.limits import BF16_STEPS, FP32_LOSS_STEPS, LIMITS, limit
 
 
-def test_limits_are_the_issue_values():
-    expected = {
-        "fp32.logits_max_abs": (1e-4, "<="),
-        "fp32.grad_rel_err": (1e-4, "<="),
-        "fp32.update_rel_err": (1e-4, "<="),
-        "fp32.loss_rel_diff": (1e-5, "<="),
-        "bf16.loss_rel_diff_step0": (1e-3, "<="),
-        "bf16.grad_cosine": (0.99, ">="),
-        "bf16.gap_over_floor": (1.0, "<="),
-        "bf16.gap_over_floor_early": (0.5, "<="),
-        "batch_fingerprint_mismatches": (0, "<="),
-    }
-    assert {k: (v.threshold, v.op) for k, v in LIMITS.items()} == expected
-    assert (FP32_LOSS_STEPS, BF16_STEPS, BF16_EARLY_STEPS) == (20, 50, 10)
+def test_limits_keys_and_ops():
+    assert {k: v.op for k, v in LIMITS.items()} == {
+        "fp32.logits": "<=", "fp32.grad": "<=", "fp32.update": "<=", "fp32.loss": "<=",
+        "bf16.logits": "<=", "bf16.loss_step0": "<=", "bf16.grad": "<=", "bf16.is_bf16": ">=",
+        "bf16.curve": "<=", "batch_fingerprint_mismatches": "<="}
+    assert LIMITS["batch_fingerprint_mismatches"].threshold == 0
+    assert (FP32_LOSS_STEPS, BF16_STEPS) == (20, 50)
     with pytest.raises(ValueError, match="unknown limit"):
         limit("nope")
 
 
 def test_limit_judgement_edges():
-    le, ge = limit("fp32.loss_rel_diff"), limit("bf16.grad_cosine")
-    assert le.passes(1e-5) and not le.passes(1.0000001e-5)
-    assert ge.passes(0.99) and not ge.passes(0.98999)
+    le, ge = limit("batch_fingerprint_mismatches"), limit("bf16.is_bf16")
+    assert le.passes(0) and not le.passes(1)
+    assert ge.passes(ge.threshold) and not ge.passes(ge.threshold * 0.999)
     assert not le.passes(float("nan")) and not ge.passes(float("nan"))
     assert not le.passes(math.inf)
 
@@ -121,12 +114,21 @@ def test_worst_prefers_nan():
     assert name == "b" and math.isnan(value)
 
 
-def test_make_check():
-    ok = C.make_check("fp32 zero1 loss", "fp32.loss_rel_diff", 5e-7, step=3)
-    bad = C.make_check("bf16 cos", "bf16.grad_cosine", 0.5)
-    assert ok.passed and ok.limit == 1e-5 and ok.op == "<=" and ok.detail == {"step": 3}
-    assert not bad.passed and bad.op == ">="
-    assert C.make_check("x", "fp32.grad_rel_err", math.inf).to_dict()["value"] == "inf"
+def test_make_check_and_judged_check():
+    from parity.judge import Judged
+
+    ok = C.make_check("fp", "batch_fingerprint_mismatches", 0, step=3)
+    bad = C.make_check("fp", "batch_fingerprint_mismatches", 2)
+    assert ok.passed and ok.limit == 0 and ok.op == "<=" and ok.detail == {"step": 3}
+    assert ok.margin == 0 and not bad.passed and bad.margin == math.inf
+    assert bad.to_dict()["margin"] == "inf"
+    j = C.judged_check("g", "fp32.grad", Judged(value=2e-7, limit=4e-7, noise=1e-7), param="w")
+    assert j.passed and j.margin == 0.5 and j.noise == 1e-7 and j.limit == 4e-7
+    assert j.detail == {"param": "w", "multiple": limit("fp32.grad").threshold}
+    over = C.judged_check("g", "fp32.grad", Judged(value=5e-7, limit=4e-7, noise=1e-7))
+    assert not over.passed and over.margin == pytest.approx(1.25)
+    n = C.nan_check("g", "fp32.grad", "run failed").to_dict()
+    assert n["value"] == "nan" and not n["passed"] and n["detail"] == {"missing": "run failed"}
 
 
 def test_adamw_first_update_closed_form_and_torch():

@@ -22,6 +22,15 @@ def fake_cmd(side: str) -> list[str]:
     return [sys.executable, str(Path(__file__).with_name("fake_trainer.py")), side]
 
 
+def fake_truth(*args):
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from fake_trainer import fake_truth as f
+    finally:
+        sys.path.pop(0)
+    return f(*args)
+
+
 @pytest.fixture
 def cfg(tmp_path):
     text = tmp_path / "corpus.txt"
@@ -33,24 +42,26 @@ def cfg(tmp_path):
 
 
 def opts(tmp_path, **kw):
-    base = dict(out=tmp_path / "out", forward=False, trainer_cmd=fake_cmd,
+    base = dict(out=tmp_path / "out", forward=False, trainer_cmd=fake_cmd, truth_fn=fake_truth,
                 zero_stages=(1, 3), precisions=("fp32", "bf16"), run_timeout_s=120)
     base.update(kw)
     return P.ParityOptions(**base)
 
 
-def test_plan_runs_default_and_floor_lengths(tmp_path):
+def test_plan_runs_default_and_floor_stages(tmp_path):
     runs = P.plan_runs(tmp_path, (1, 2, 3), ("fp32", "bf16"), 20, 50)
     got = {(r.label, r.steps) for r in runs}
     assert got == {("jax fp32", 20), ("jax bf16", 50),
-                   ("ds zero1 fp32", 50), ("ds zero2 fp32", 50), ("ds zero3 fp32", 50),
+                   ("ds zero1 fp32", 20), ("ds zero2 fp32", 20), ("ds zero3 fp32", 20),
                    ("ds zero1 bf16", 50), ("ds zero2 bf16", 50), ("ds zero3 bf16", 50)}
     only32 = P.plan_runs(tmp_path, (1, 3), ("fp32",), 20, 50)
     assert {(r.label, r.steps) for r in only32} == {("jax fp32", 20), ("ds zero1 fp32", 20),
                                                      ("ds zero3 fp32", 20)}
+    # one stage asked: a second one runs for the stage-to-stage noise floor
     only16 = P.plan_runs(tmp_path, (2,), ("bf16",), 20, 50)
-    assert {(r.label, r.steps) for r in only16} == {("jax bf16", 50), ("ds zero2 fp32", 50),
-                                                     ("ds zero2 bf16", 50)}
+    assert {(r.label, r.steps) for r in only16} == {("jax bf16", 50), ("ds zero2 bf16", 50),
+                                                     ("ds zero1 bf16", 50)}
+    assert P.floor_stages((1,)) == (1, 2) and P.floor_stages((3,)) == (3, 1)
     assert len({r.out_dir for r in runs}) == len(runs)
 
 
@@ -86,38 +97,52 @@ def test_full_run_with_fake_trainers_passes(cfg, tmp_path, capsys):
     res = P.run_parity(cfg, opts(tmp_path, steps_fp32=20, steps_bf16=50))
     names = {c["name"]: c for c in res["checks"]}
     expected = {
-        "fp32 zero1: grad rel err (worst parameter)", "fp32 zero3: update rel err "
-        "(worst parameter)", "fp32 zero1: loss rel diff (worst of 20 steps)",
-        "fp32 zero3: batch fingerprint mismatches", "bf16 zero1: loss rel diff at step 0",
-        "bf16 zero3: grad cosine (worst parameter)", "bf16 zero1: gap/floor over 50 steps",
-        "bf16 zero3: gap/floor over first 10 steps", "bf16 zero3: batch fingerprint mismatches",
+        "fp32 zero1: grad vs float64 (worst tensor)",
+        "fp32 zero3: first update vs float64 AdamW (worst tensor)",
+        "fp32 zero1: loss curve vs noise (20 steps)",
+        "fp32 zero3: batch fingerprint mismatches", "bf16 zero1: loss at step 0 vs float64",
+        "bf16 zero3: grad vs float64 (worst tensor)",
+        "bf16 zero1: loss curve vs DeepSpeed stage-to-stage (50 steps)",
+        "bf16: jax bf16 gradient as far from float64 as DeepSpeed bf16's (really bf16)",
+        "bf16 zero3: batch fingerprint mismatches",
         "jax fp32 vs jax bf16: batch fingerprint mismatches",
     }
-    assert expected <= set(names)
+    assert expected <= set(names), sorted(set(expected) - set(names))
     failed = [c for c in res["checks"] if not c["passed"]]
     assert failed == [] and res["errors"] == []
-    # the fake's fp32 noise is ~1e-7; its bf16 port deviation is 10x below its floor
-    assert 0 < names["fp32 zero1: loss rel diff (worst of 20 steps)"]["value"] < 1e-6
-    assert names["bf16 zero1: gap/floor over 50 steps"]["value"] < 0.5
-    assert any(i["name"].startswith("fp32 noise floor: loss rel diff") for i in res["info"])
-    # the fp32 noise floor (ZeRO-1 vs ZeRO-3) is reported next to the fp32 checks
-    loss1 = names["fp32 zero1: loss rel diff (worst of 20 steps)"]["detail"]
-    assert loss1["floor_from"] == "ds zero1 vs zero3 fp32" and 0 < loss1["floor"] < 1e-6
-    assert "floor" in names["fp32 zero3: update rel err (worst parameter)"]["detail"]
+    for c in res["checks"]:  # every check carries its margin, <= 1 when it passes
+        assert 0 <= c["margin"] <= 1, c
+    loss1 = names["fp32 zero1: loss curve vs noise (20 steps)"]
+    # the fake's fp32 loss noise is ~1e-7 relative of a loss ~6
+    assert 0 < loss1["value"] < 5e-6 and 0 < loss1["noise"] < 5e-6
+    assert loss1["detail"]["stage_floor_from"] == "ds zero1 vs zero3"
+    g = names["fp32 zero1: grad vs float64 (worst tensor)"]
+    assert g["noise"] > 0 and g["limit"] >= 4 * g["noise"]
+    assert "diagnosis" in res and "headline" not in res["diagnosis"]
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True
+    assert all("margin" in c and "noise" in c for c in report["checks"])
     assert set(report["series"]) == {"jax fp32", "jax bf16", "ds zero1 fp32", "ds zero3 fp32",
                                      "ds zero1 bf16", "ds zero3 bf16"}
-    assert len(report["series"]["ds zero1 fp32"]["loss"]) == 50
+    assert len(report["series"]["ds zero1 fp32"]["loss"]) == 20
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 4
+    assert "| margin |" in (out / "report.md").read_text().splitlines()[4]
     assert finish(res) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+    # --reuse-runs judges the same runs again without training: the same verdicts
+    again = P.run_parity(cfg, opts(tmp_path, steps_fp32=20, steps_bf16=50, reuse_runs=True,
+                                   trainer_cmd=lambda side: ["false"]))
+    assert [(c["name"], c["value"]) for c in again["checks"]] == \
+        [(c["name"], c["value"]) for c in res["checks"]]
 
 
 @pytest.mark.parametrize("fault,failing", [
-    ("jax:fp32:loss", "fp32 zero1: loss rel diff (worst of 20 steps)"),
-    ("torch:fp32:grad", "fp32 zero1: grad rel err (worst parameter)"),
+    ("jax:fp32:loss", "fp32 zero1: loss curve vs noise (20 steps)"),
+    ("jax:fp32:grad", "fp32 zero1: grad vs float64 (worst tensor)"),
+    ("jax:bf16:grad", "bf16 zero1: grad vs float64 (worst tensor)"),
+    ("jax:bf16:fp32", "bf16: jax bf16 gradient as far from float64 as DeepSpeed bf16's "
+                      "(really bf16)"),
     ("torch:bf16:fingerprint", "bf16 zero1: batch fingerprint mismatches"),
 ])
 def test_planted_fault_fails_its_check_and_the_exit_code(cfg, tmp_path, monkeypatch, fault,
@@ -126,9 +151,16 @@ def test_planted_fault_fails_its_check_and_the_exit_code(cfg, tmp_path, monkeypa
     res = P.run_parity(cfg, opts(tmp_path, zero_stages=(1,), steps_fp32=20, steps_bf16=12))
     bad = {c["name"]: c for c in res["checks"] if not c["passed"]}
     assert failing in bad, sorted(bad)
+    assert float(bad[failing]["margin"]) > 1
+    capsys.readouterr()  # the progress lines
     assert finish(res) == 1
     out = capsys.readouterr().out
     assert f"FAILED {failing}" in out
+    # the verdict starts with the diagnosis headline, as report.md does
+    first = out.strip().splitlines()[0]
+    assert first.startswith("DIAGNOSIS ") and res["diagnosis"]["headline"] in first
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.startswith(f"**Diagnosis: {res['diagnosis']['headline']}**")
     assert out.strip().splitlines()[-1].startswith("report: ")
 
 
