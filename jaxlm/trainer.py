@@ -34,8 +34,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from jaxlm import hostmem, tuning
 from jaxlm import sharding as shd
-from jaxlm import tuning
 from jaxlm.api import matmul_precision
 from jaxlm.batches import Batches, FedBatch
 from jaxlm.checkpoint import Checkpoints, rng_key_data
@@ -348,9 +348,14 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
     say = log or (lambda s: print(s, file=sys.stderr) if main else None)
     dumps = Dumps(set(dump_grads), set(dump_params))
     runs.check_dump_steps(cfg.train.steps, dumps.grads, dumps.params)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    if on_cpu:  # device buffers are host heap memory: give freed blocks back
+        hostmem.configure_host_allocator()
     run = open_run(cfg, init_weights=init_weights, resume=resume, progress=progress,
                    dataset=dataset, say=say)
     program = compile_program(run.setup, return_grads=bool(dumps.grads))
+    if on_cpu:
+        hostmem.release_free_memory()  # set-up and compile-time memory
     _say_compiled(run, program)
     rec = Recorder(cfg, run.out, start=run.start, main=main, progress=progress,
                    num_devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
@@ -426,15 +431,17 @@ def _say_compiled(run: Run, program: Program) -> None:
             f"{t.attention}, remat {t.remat}")
 
 
-def peak_memory() -> tuple[int, int | None]:
-    """(this process's peak, the largest local device's peak) in bytes: the allocator's
-    peak on accelerators; on CPU the process's resident-set peak and no device figure
-    (virtual CPU devices share one heap)."""
+def peak_memory() -> tuple[int, int]:
+    """(this process's peak, the peak per device) in bytes. Accelerators: the allocator's
+    peaks (summed; the largest device's). CPU: the process's resident-set peak, and that
+    peak shared equally by its virtual devices, which live in the one process (DeepSpeed
+    on CPU runs one process per device, so its per-process peak is per device)."""
     stats = [d.memory_stats() for d in jax.local_devices() if d.platform != "cpu"]
     peaks = [int(st.get("peak_bytes_in_use", 0)) for st in stats if st]
     if peaks:
         return sum(peaks), max(peaks)
-    return runs.peak_rss_bytes(), None
+    rss = runs.peak_rss_bytes()
+    return rss, rss // max(1, jax.local_device_count())
 
 
 def _summary(run: Run, program: Program, rec: Recorder, t_launch: float) -> dict[str, Any]:
