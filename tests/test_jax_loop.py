@@ -51,10 +51,8 @@ def dataset():
 # ----------------------------------------------------------------------------- pipelining
 
 
-def test_metrics_read_one_step_late_and_every_step_written(tmp_path, dataset, monkeypatch):
-    """Step n's metrics are read only after step n+1 was dispatched; every step, the
-    last included, gets its record; the logged losses are those of an unpipelined run
-    (each batch waited for, each record written right after its step): bitwise."""
+def _pipelined_run(out: Path, dataset, monkeypatch, steps: int):
+    """A run logging the order in which steps are dispatched and their metrics read."""
     events: list[tuple[str, int]] = []
     dispatch = trainer._dispatch
     write = Recorder._write
@@ -67,22 +65,38 @@ def test_metrics_read_one_step_late_and_every_step_written(tmp_path, dataset, mo
         events.append(("read", p.step))
         return write(self, p)
 
-    monkeypatch.setattr(trainer, "_dispatch", logged_dispatch)
-    monkeypatch.setattr(Recorder, "_write", logged_write)
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "_dispatch", logged_dispatch)
+        m.setattr(Recorder, "_write", logged_write)
+        res = trainer.train(_cfg(out, f"train.steps={steps}", "train.ckpt_every=0"),
+                            progress=False, dataset=dataset, log=lambda s: None)
+    return res, events
+
+
+def test_metrics_read_one_step_late_and_every_step_written(tmp_path, dataset, monkeypatch):
+    """Step n's metrics are read only after step n+1 was dispatched; every step, the
+    last included, gets its record, with lmspec's fingerprints of its global batch."""
     steps = 4
-    piped = trainer.train(_cfg(tmp_path / "piped", f"train.steps={steps}", "train.ckpt_every=0"),
-                          progress=False, dataset=dataset, log=lambda s: None)
+    _, events = _pipelined_run(tmp_path / "piped", dataset, monkeypatch, steps)
     expect = [("dispatch", 0), ("dispatch", 1), ("read", 0), ("dispatch", 2), ("read", 1),
               ("dispatch", 3), ("read", 2), ("read", 3)]
     assert events == expect
     recs = read_metrics(tmp_path / "piped" / "metrics.jsonl")
     assert [r["step"] for r in recs] == list(range(steps))
-    assert all(r["tokens_per_s"] > 0 for r in recs)
+    for r in recs:
+        assert r["tokens_per_s"] > 0
+        rows = dataset.global_batch(r["step"])
+        assert r["batch_fingerprint"] == batch_fingerprint(rows)
+        assert r["batch_fingerprint_parts"] == fingerprint_parts(row_digests(rows), 1)
 
-    # the same run with nothing overlapped: the batch is complete on the devices before
-    # the step, and the record is written before the next step is dispatched
-    monkeypatch.setattr(trainer, "_dispatch", dispatch)
-    monkeypatch.setattr(Recorder, "_write", write)
+
+@pytest.mark.slow
+def test_pipelining_changes_no_number(tmp_path, dataset, monkeypatch):
+    """The pipelined run logs bitwise the losses, norms and fingerprints of a run with
+    nothing overlapped (each batch complete on the devices before its step, each record
+    written before the next step is dispatched)."""
+    steps = 4
+    piped, _ = _pipelined_run(tmp_path / "piped", dataset, monkeypatch, steps)
     put = fb.Batches.train
 
     def put_and_wait(self, step):
@@ -100,6 +114,7 @@ def test_metrics_read_one_step_late_and_every_step_written(tmp_path, dataset, mo
     plain = trainer.train(_cfg(tmp_path / "plain", f"train.steps={steps}", "train.ckpt_every=0"),
                           progress=False, dataset=dataset, log=lambda s: None)
     assert plain.losses == piped.losses  # bitwise
+    recs = read_metrics(tmp_path / "piped" / "metrics.jsonl")
     plain_recs = read_metrics(tmp_path / "plain" / "metrics.jsonl")
     for a, b in zip(recs, plain_recs, strict=True):
         for k in ("loss", "grad_norm", "lr", "batch_fingerprint", "batch_fingerprint_parts"):
@@ -135,19 +150,9 @@ def test_async_save_holds_the_state_of_its_step(tmp_path, dataset):
 
 
 def test_fingerprint_is_of_the_rows_fed(tmp_path, dataset, monkeypatch):
-    """Unchanged code logs lmspec's fingerprint of the global batch; a row offset planted in
-    the rows of one data-parallel rank at one micro-step changes the logged fingerprint and
-    exactly the part of that micro-step and rank."""
-    steps = 2
-    clean_dir, bad_dir = tmp_path / "clean", tmp_path / "bad"
-    trainer.train(_cfg(clean_dir, f"train.steps={steps}"), progress=False, dataset=dataset,
-                  log=lambda s: None)
-    clean = read_metrics(clean_dir / "metrics.jsonl")
-    for r in clean:
-        rows = dataset.global_batch(r["step"])
-        assert r["batch_fingerprint"] == batch_fingerprint(rows)
-        assert r["batch_fingerprint_parts"] == fingerprint_parts(row_digests(rows), 1)
-
+    """A row offset planted in the rows of one data-parallel rank at one micro-step changes
+    the logged fingerprint and exactly the part of that micro-step and rank (unchanged
+    code logs lmspec's fingerprints: the test above and test_jax_train's contract test)."""
     # global batch 8 = 2 micro-steps x 4 ranks x 1 row: rank 2 of micro-step 1 is row 6
     planted_row, part = 6, 6
     rows_fn = fb.Batches.rows
@@ -158,13 +163,14 @@ def test_fingerprint_is_of_the_rows_fed(tmp_path, dataset, monkeypatch):
         return rows_fn(self, step, start, stop)
 
     monkeypatch.setattr(fb.Batches, "rows", shifted)
-    trainer.train(_cfg(bad_dir, f"train.steps={steps}"), progress=False, dataset=dataset,
+    trainer.train(_cfg(tmp_path, "train.steps=2"), progress=False, dataset=dataset,
                   log=lambda s: None)
-    bad = read_metrics(bad_dir / "metrics.jsonl")
-    assert bad[0]["batch_fingerprint"] == clean[0]["batch_fingerprint"]
-    assert bad[1]["batch_fingerprint"] != clean[1]["batch_fingerprint"]
-    differ = [i for i, (a, b) in enumerate(zip(bad[1]["batch_fingerprint_parts"],
-                                               clean[1]["batch_fingerprint_parts"],
+    bad = read_metrics(tmp_path / "metrics.jsonl")
+    assert bad[0]["batch_fingerprint"] == batch_fingerprint(dataset.global_batch(0))
+    rows = dataset.global_batch(1)
+    assert bad[1]["batch_fingerprint"] != batch_fingerprint(rows)
+    want = fingerprint_parts(row_digests(rows), 1)
+    differ = [i for i, (a, b) in enumerate(zip(bad[1]["batch_fingerprint_parts"], want,
                                                strict=True)) if a != b]
     assert differ == [part]
 
