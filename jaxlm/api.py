@@ -8,6 +8,7 @@ so what they check is what trains. In ``fp32`` matmuls run at full fp32 precisio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import jax
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm import tuning
 from jaxlm.model import Llama, compute_dtype
 from jaxlm.step import accumulate_grads, make_loss_fn
 from jaxlm.weights import hf_to_params, params_to_hf
@@ -29,11 +31,19 @@ def matmul_precision(precision: str) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def _graphdef(cfg: ExperimentConfig, precision: str) -> nnx.GraphDef:
+def _graphdef(cfg: ExperimentConfig, precision: str, rows: int) -> nnx.GraphDef:
+    """The model's structure on one device, ``auto`` settings resolved as the trainer
+    resolves them (:mod:`jaxlm.tuning`) for ``rows`` rows at once."""
     t = cfg.train
+    devices = jax.devices()[:1]
+    attention = tuning.resolve_attention(t.attention, cfg.model, precision, devices)
+    one = dataclasses.replace(cfg, train=dataclasses.replace(t, precision=precision))
+    remat = tuning.resolve_remat(t.remat, one, rows_per_device=rows, param_shards=1,
+                                 attention=attention,
+                                 device_bytes=tuning.device_memory_bytes(devices))
     abstract = nnx.eval_shape(lambda: Llama(
         cfg.model, rngs=nnx.Rngs(0), dtype=compute_dtype(precision),
-        scan_layers=t.scan_layers, remat=t.remat, attention=t.attention,
+        scan_layers=t.scan_layers, remat=remat, attention=attention,
     ))
     graphdef, _ = nnx.split(abstract)
     return graphdef
@@ -60,7 +70,7 @@ def logits(cfg: ExperimentConfig, weights: dict[str, np.ndarray], tokens: np.nda
     """fp32 logits (B, T, V) of HF-named fp32 ``weights`` on int tokens (B, T)."""
     tokens = np.asarray(tokens)
     _check_tokens(tokens, cfg, "tokens")
-    graphdef = _graphdef(cfg, precision)
+    graphdef = _graphdef(cfg, precision, tokens.shape[0])
     dt = compute_dtype(precision)
     params = _device_params(cfg, weights)
 
@@ -90,7 +100,7 @@ def loss_and_grads(cfg: ExperimentConfig, weights: dict[str, np.ndarray],
         raise ValueError(
             f"num_micro={num_micro} must be >= 1 and divide the batch size {windows.shape[0]}"
         )
-    graphdef = _graphdef(cfg, precision)
+    graphdef = _graphdef(cfg, precision, windows.shape[0] // num_micro)
     params = _device_params(cfg, weights)
     loss_fn = make_loss_fn(graphdef, precision)
     w_mbt1 = windows.reshape(num_micro, windows.shape[0] // num_micro, windows.shape[1])

@@ -4,7 +4,15 @@ Layout: ``<out_dir>/checkpoints/<step>/{state,meta}``; ``step`` counts optimizer
 done. Orbax writes each checkpoint under a temporary name and renames it when complete,
 so a process killed mid-save leaves only a temporary folder, which
 :meth:`Checkpoints.latest_step` never returns; it is removed on the next start.
-Saves are synchronous (the next step starts after the rename) to keep resumes exact.
+
+Saves are asynchronous: :meth:`Checkpoints.save` returns once the arrays are copied to
+host memory (Orbax's blocking part), and the files are written while training goes on.
+The next save, :meth:`Checkpoints.wait` and :meth:`Checkpoints.close` wait for the
+previous one to finish, so at most one save is in flight and a finished run's last
+checkpoint is complete before the process exits. The saved values are the state after
+that step whatever the next steps do with the device buffers: on GPUs the host copy is
+a copy, and on CPU, where the host view shares the device buffer, JAX does not donate a
+buffer that a host view still references.
 """
 
 from __future__ import annotations
@@ -51,8 +59,8 @@ def _remove_partial(directory: Path) -> list[str]:
 class Checkpoints:
     """Thin wrapper over ``ocp.CheckpointManager`` keeping the last ``keep`` steps."""
 
-    def __init__(self, out_dir: str | os.PathLike, keep: int, *, read_only: bool = False
-                 ) -> None:
+    def __init__(self, out_dir: str | os.PathLike, keep: int, *, read_only: bool = False,
+                 asynchronous: bool = True) -> None:
         self.directory = checkpoint_dir(out_dir)
         self.removed_partial = [] if read_only else _remove_partial(self.directory)
         if read_only:
@@ -62,7 +70,7 @@ class Checkpoints:
             )
         else:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous,
             )
         verbosity = absl_logging.get_verbosity()
         if read_only:  # orbax warns that a read-only manager is read-only
@@ -81,12 +89,18 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Start saving ``state`` as checkpoint ``step`` (after the previous save is done);
+        returns when the arrays are on the host, before the files are written."""
+        self.wait()
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                     meta=ocp.args.JsonSave(meta)),
             force=True,
         )
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is complete on disk."""
         self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
@@ -103,6 +117,8 @@ class Checkpoints:
         return dict(out["meta"])
 
     def close(self) -> None:
+        """Finish the save in flight, then release the manager."""
+        self.manager.wait_until_finished()
         self.manager.close()
 
 

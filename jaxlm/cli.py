@@ -9,41 +9,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from lmspec.cli import add_config_args, config_from_args, run
-
-
-def parse_steps(text: str, flag: str) -> list[int]:
-    """``"0,3"`` -> ``[0, 3]``; a ValueError naming ``flag`` otherwise."""
-    if not text.strip():
-        return []
-    out = []
-    for part in text.split(","):
-        try:
-            s = int(part)
-        except ValueError:
-            raise ValueError(
-                f"{flag}={text!r}: expected comma-separated step numbers, e.g. 0,3"
-            ) from None
-        if s < 0:
-            raise ValueError(f"{flag}={text!r}: steps must be >= 0")
-        out.append(s)
-    return out
+from lmspec.cli import config_from_args, run
+from lmspec.runs import add_train_args, train_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description="Flax NNX Llama trainer.")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a model from a config")
-    add_config_args(tr)
-    tr.add_argument("--init-weights", metavar="FILE",
-                    help="HF-named fp32 safetensors to start from (strict)")
-    tr.add_argument("--dump-grads", default="", metavar="STEPS",
-                    help="write the full fp32 gradient of these steps, e.g. 0,3")
-    tr.add_argument("--dump-params", default="", metavar="STEPS",
-                    help="write the fp32 params after these steps' updates")
-    tr.add_argument("--no-resume", action="store_true",
-                    help="start from scratch even if out_dir holds checkpoints")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_train_args(tr)
     tr.set_defaults(func=_train)
     gen = sub.add_parser("generate", help="sample text from a checkpoint")
     gen.add_argument("checkpoint", help="a run's out_dir or one of its checkpoint folders")
@@ -58,15 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    dump_grads = parse_steps(args.dump_grads, "--dump-grads")
-    dump_params = parse_steps(args.dump_params, "--dump-params")
+    flags = train_args(args, cfg)
     from jaxlm.distributed import maybe_initialize
 
     maybe_initialize(cfg.distributed)
     from jaxlm.trainer import train
 
-    train(cfg, init_weights=args.init_weights, dump_grads=dump_grads,
-          dump_params=dump_params, resume=not args.no_resume, progress=not args.no_progress)
+    train(cfg, init_weights=flags.init_weights, dump_grads=flags.dump_grads,
+          dump_params=flags.dump_params, resume=flags.resume, progress=flags.progress)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The training loop: mesh, sharded state, jitted step, data, metrics, checkpoints.
+"""The training loop: mesh, sharded state, compiled step, prefetched batches, records,
+asynchronous checkpoints.
 
 Shape legend: M micro-batches per optimizer step, B rows per micro-batch (the
 data-parallel batch: ``train.micro_batch_size * mesh.data * mesh.fsdp``), T sequence
@@ -6,17 +7,18 @@ length, G = M * B the global batch.
 
 State ``{"params", "opt", "step"}`` is created directly sharded (the init is jitted
 with ``out_shardings``), and ``train_step`` is compiled ahead of time with explicit in
-and out shardings and the state donated. Each process builds only the rows of the
-global batch its devices hold (``jax.make_array_from_callback``).
+and out shardings and the state donated. The loop never waits for the step it has just
+dispatched: the next batch is put on the devices while the step runs
+(:mod:`jaxlm.batches`), the step's metrics are read once the following step is
+dispatched (:mod:`jaxlm.recorder`), and checkpoints are written in the background
+(:mod:`jaxlm.checkpoint`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import platform
-import resource
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -32,25 +34,28 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from jaxlm import hostmem, tuning
 from jaxlm import sharding as shd
 from jaxlm.api import matmul_precision
+from jaxlm.batches import Batches, FedBatch
 from jaxlm.checkpoint import Checkpoints, rng_key_data
 from jaxlm.model import Llama, compute_dtype
+from jaxlm.recorder import Recorder
 from jaxlm.step import make_eval_step, make_optimizer, make_train_step
 from jaxlm.weights import hf_to_params, params_to_hf
-from lmspec import flops
+from lmspec import runs
 from lmspec import weights as lw
 from lmspec.config import ConfigError, ExperimentConfig, check_resumable, save_config
-from lmspec.data import Dataset, fingerprint
-from lmspec.io import atomic_write_json
-from lmspec.metrics import MetricsWriter
+from lmspec.data import Dataset
+
+JAX_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 BATCH_NAMES = (None, "act_batch", None)  # (M, B, T+1)
 
 
 @dataclass
 class Setup:
-    """Everything static about a run on a given mesh."""
+    """Everything static about a run on a given mesh (``cfg``: ``auto`` resolved)."""
 
     cfg: ExperimentConfig
     mesh: Mesh
@@ -73,6 +78,10 @@ class Setup:
     def batch_shape(self) -> tuple[int, int, int]:
         return (self.num_micro, self.rows_per_micro, self.seq_len + 1)
 
+    @property
+    def platform(self) -> str:
+        return tuning.platform_of(self.mesh.devices.flat)
+
 
 def _new_model(cfg: ExperimentConfig, seed: int) -> Llama:
     t = cfg.train
@@ -80,16 +89,34 @@ def _new_model(cfg: ExperimentConfig, seed: int) -> Llama:
                  scan_layers=t.scan_layers, remat=t.remat, attention=t.attention)
 
 
+def resolve_auto(cfg: ExperimentConfig, devices: list[jax.Device], sizes: dict[str, int]
+                 ) -> ExperimentConfig:
+    """``cfg`` with ``train.attention`` / ``train.remat`` ``auto`` replaced by what
+    :mod:`jaxlm.tuning` picks for these devices and mesh sizes."""
+    t = cfg.train
+    attention = tuning.resolve_attention(t.attention, cfg.model, t.precision, devices)
+    remat = tuning.resolve_remat(
+        t.remat, cfg, rows_per_device=t.micro_batch_size,
+        param_shards=sizes["fsdp"] * sizes["tensor"], attention=attention,
+        device_bytes=tuning.device_memory_bytes(devices))
+    if (attention, remat) == (t.attention, t.remat):
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, attention=attention,
+                                                              remat=remat))
+
+
 def build_setup(cfg: ExperimentConfig, devices: list[jax.Device] | None = None) -> Setup:
     """Mesh, shardings and optimizer for ``cfg``; raises ConfigError on a mesh that does
-    not fit the devices or a dimension that does not divide its mesh axes."""
+    not fit the devices or a dimension that does not divide its mesh axes.
+    ``Setup.cfg`` is ``cfg`` with ``auto`` settings resolved (:func:`resolve_auto`)."""
     mesh = shd.make_mesh(cfg.mesh, devices)
     if cfg.train.attention == "cudnn" and mesh.devices.flat[0].platform != "gpu":
         raise ConfigError(
             f"train.attention='cudnn' needs NVIDIA GPUs, but the devices are "
-            f"{mesh.devices.flat[0].platform!r}; use train.attention=xla"
+            f"{mesh.devices.flat[0].platform!r}; use train.attention=xla or auto"
         )
     sizes = shd.mesh_sizes(mesh)
+    cfg = resolve_auto(cfg, list(mesh.devices.flat), sizes)
     rules = cfg.mesh.rules
     abstract_model = nnx.eval_shape(lambda: _new_model(cfg, 0))
     graphdef, abstract_params_state = nnx.split(abstract_model)
@@ -159,58 +186,9 @@ def to_host(tree: Any) -> Any:
     )
 
 
-class Batches:
-    """Global batches (M, B, T+1) of ``lmspec.data.Dataset``, built per process from
-    the rows its devices hold."""
-
-    def __init__(self, setup: Setup, dataset: Any) -> None:
-        self.setup = setup
-        self.ds = dataset
-
-    def train(self, step: int) -> jax.Array:
-        m_count, b, _ = self.setup.batch_shape
-        cache: dict[tuple[int, int], np.ndarray] = {}
-
-        def rows(index: tuple[slice, ...]) -> np.ndarray:
-            r = index[1]
-            r0 = 0 if r.start is None else r.start
-            r1 = b if r.stop is None else r.stop
-            if (r0, r1) not in cache:
-                cache[(r0, r1)] = np.stack([
-                    self.ds.global_batch_rows(step, m * b + r0, m * b + r1)
-                    for m in range(m_count)
-                ])
-            return cache[(r0, r1)][index[0], :, index[2]]
-
-        return jax.make_array_from_callback(self.setup.batch_shape, self.setup.batch_sharding,
-                                            rows)
-
-    def val(self, index: int) -> jax.Array:
-        w = self.ds.val_batch(index, self.setup.cfg.train.global_batch_size)
-        return _place(w.reshape(self.setup.batch_shape), self.setup.batch_sharding)
 
 
-def _parse_steps(values: Iterable[int]) -> set[int]:
-    return {int(v) for v in values}
-
-
-def _versions() -> dict[str, str]:
-    import flax
-    import jaxlib
-    import orbax.checkpoint
-
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-            "optax": optax.__version__, "orbax-checkpoint": orbax.checkpoint.__version__,
-            "numpy": np.__version__}
-
-
-def _peak_memory_bytes() -> int:
-    stats = [d.memory_stats() for d in jax.local_devices() if d.platform != "cpu"]
-    peaks = [s.get("peak_bytes_in_use", 0) for s in stats if s]
-    if peaks:
-        return int(sum(peaks))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+# ----------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -219,36 +197,72 @@ class TrainResult:
     losses: dict[int, float]
 
 
-def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = None,
-          dump_grads: Iterable[int] = (), dump_params: Iterable[int] = (),
-          resume: bool = True, progress: bool = True,
-          dataset: Any = None, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train ``cfg`` into ``cfg.train.out_dir`` (see the CLI contract in COMMON.md).
+@dataclass
+class Program:
+    """The compiled train step (state donated) and eval step."""
 
-    Writes ``config.yaml``, ``metrics.jsonl``, TensorBoard events, checkpoints, dumps and
-    ``run_summary.json``; resumes from the newest complete checkpoint unless ``resume``
-    is False.
-    """
-    t_launch = time.perf_counter()
-    t = cfg.train
+    step: Any
+    evaluate: Any | None
+    returns_grads: bool
+    compile_s: float
+    memory: dict[str, int]
+
+
+@dataclass
+class Run:
+    """A run opened in ``train.out_dir``: setup, data, checkpoints and the state to
+    continue from (restored or fresh)."""
+
+    cfg: ExperimentConfig
+    setup: Setup
+    batches: Batches
+    ckpts: Checkpoints
+    state: dict
+    start: int
+    out: Path
+    main: bool
+    say: Callable[[str], None]
+
+    def checkpoint_meta(self, done: int) -> dict[str, Any]:
+        return {"step": done, "rng": rng_key_data(self.cfg.train.seed).tolist(),
+                "config": self.cfg.to_dict()}
+
+
+def open_run(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None,
+             resume: bool, progress: bool, dataset: Any,
+             say: Callable[[str], None]) -> Run:
+    """Prepare ``train.out_dir``, then restore the newest complete checkpoint (unless
+    ``resume`` is False) or initialise; ``config.yaml`` is written only after a resume
+    was accepted."""
     main = jax.process_index() == 0
-    say = log or (lambda s: print(s, file=sys.stderr) if main else None)
-    out = Path(t.out_dir)
-    dump_grads, dump_params = _parse_steps(dump_grads), _parse_steps(dump_params)
-    for flag, steps in (("--dump-grads", dump_grads), ("--dump-params", dump_params)):
-        bad = sorted(s for s in steps if not 0 <= s < t.steps)
-        if bad:
-            raise ValueError(f"{flag}: steps {bad} are outside [0, train.steps={t.steps})")
+    out = Path(cfg.train.out_dir)
     init_tensors = None
     if init_weights is not None:
         init_tensors = lw.load_safetensors(init_weights)
         lw.check_names(cfg.model, init_tensors, f"--init-weights {init_weights}")
-
     setup = build_setup(cfg)
     if dataset is None:
         dataset = Dataset.from_config(cfg, progress=progress and main)
-    batches = Batches(setup, dataset)
+    batches = Batches(dataset, setup.batch_shape, setup.batch_sharding,
+                      cfg.train.global_batch_size)
+    ckpts = _prepare_out_dir(out, cfg, resume, main, say)
+    latest = ckpts.latest_step() if resume else None
+    if latest is None:
+        state, start = init_state(setup, init_tensors), 0
+    else:
+        state, start = _restore(ckpts, latest, setup, cfg)
+        say(f"resumed from {ckpts.directory / str(latest)} (step {start})")
+        if init_tensors is not None:
+            say("note: --init-weights ignored, the checkpoint's weights are used")
+    del init_tensors  # the host copy is not needed once the state is on the devices
+    if main:
+        save_config(cfg, out / "config.yaml")
+    return Run(cfg=cfg, setup=setup, batches=batches, ckpts=ckpts, state=state, start=start,
+               out=out, main=main, say=say)
 
+
+def _prepare_out_dir(out: Path, cfg: ExperimentConfig, resume: bool, main: bool,
+                     say: Callable[[str], None]) -> Checkpoints:
     if main:
         out.mkdir(parents=True, exist_ok=True)
     if not resume and main and (out / "checkpoints").exists():
@@ -256,175 +270,192 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
         shutil.rmtree(out / "checkpoints")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxlm_out_dir_ready")
-    ckpts = Checkpoints(out, t.ckpt_keep)
+    ckpts = Checkpoints(out, cfg.train.ckpt_keep)
     if ckpts.removed_partial:
         say(f"removed incomplete checkpoint folders: {ckpts.removed_partial}")
-    start = 0
-    latest = ckpts.latest_step() if resume else None
-    if latest is not None:
-        where = ckpts.directory / str(latest)
-        check_resumable(ckpts.read_meta(latest).get("config"), cfg, ("model", "train.scan_layers"),
-                        where)
-        try:
-            state, meta = ckpts.restore(latest, setup.abstract_state)
-        except (ValueError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
-                f"cannot resume from {where}: its state does not fit this config ({first}); "
-                "pass --no-resume to start over or choose another train.out_dir"
-            ) from e
-        start = int(meta["step"])
-        say(f"resumed from {ckpts.directory / str(latest)} (step {start})")
-        if init_tensors is not None:
-            say("note: --init-weights ignored, the checkpoint's weights are used")
-    else:
-        state = init_state(setup, init_tensors)
-    if main:
-        # only now: a refused resume must not overwrite the earlier run's config
-        save_config(cfg, out / "config.yaml")
-    rng_data = rng_key_data(t.seed)
+    return ckpts
 
-    want_grads = bool(dump_grads)
+
+def _restore(ckpts: Checkpoints, latest: int, setup: Setup, cfg: ExperimentConfig
+             ) -> tuple[dict, int]:
+    where = ckpts.directory / str(latest)
+    check_resumable(ckpts.read_meta(latest).get("config"), cfg, ("model", "train.scan_layers"),
+                    where)
+    try:
+        state, meta = ckpts.restore(latest, setup.abstract_state)
+    except (ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"cannot resume from {where}: its state does not fit this config ({first}); "
+            "pass --no-resume to start over or choose another train.out_dir"
+        ) from e
+    return state, int(meta["step"])
+
+
+def compile_program(setup: Setup, *, return_grads: bool) -> Program:
+    """AOT-compile the donated train step (and the eval step when ``train.eval_every``),
+    with the GPU compile options of :mod:`jaxlm.tuning` on GPUs."""
+    t = setup.cfg.train
     step_fn = make_train_step(setup.graphdef, setup.tx, setup.lr_table, t.precision,
-                              return_grads=want_grads)
+                              return_grads=return_grads)
     metric_sh = shd.replicated(setup.mesh)
     out_sh: tuple[Any, ...] = (setup.state_shardings, metric_sh)
-    if want_grads:
+    if return_grads:
         out_sh = out_sh + (setup.param_shardings,)
     jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
                      out_shardings=out_sh, donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(setup.graphdef, t.precision),
-                      in_shardings=(setup.param_shardings, setup.batch_sharding),
-                      out_shardings=metric_sh)
-    with shd.activation_sharding(setup.mesh, cfg.mesh.rules), matmul_precision(t.precision):
+    options = tuning.compiler_options(setup.platform)
+    batch = jax.ShapeDtypeStruct(setup.batch_shape, jnp.int32, sharding=setup.batch_sharding)
+    with shd.activation_sharding(setup.mesh, setup.cfg.mesh.rules), \
+            matmul_precision(t.precision):
         t0 = time.perf_counter()
-        compiled = jitted.lower(setup.abstract_state, _batch_struct(setup)).compile()
+        compiled = jitted.lower(setup.abstract_state, batch).compile(options or None)
         compile_s = time.perf_counter() - t0
-        eval_compiled = None
+        evaluate = None
         if t.eval_every:
-            eval_compiled = eval_fn.lower(setup.abstract_state["params"],
-                                          _batch_struct(setup)).compile()
-    say(f"compiled train_step in {compile_s:.2f}s; mesh {shd.mesh_sizes(setup.mesh)}, "
-        f"{setup.num_micro} micro-batch(es) of {setup.rows_per_micro} rows")
+            eval_fn = jax.jit(make_eval_step(setup.graphdef, t.precision),
+                              in_shardings=(setup.param_shardings, setup.batch_sharding),
+                              out_shardings=metric_sh)
+            evaluate = eval_fn.lower(setup.abstract_state["params"], batch).compile(
+                options or None)
+    return Program(step=compiled, evaluate=evaluate, returns_grads=return_grads,
+                   compile_s=compile_s, memory=_memory_analysis(compiled))
 
-    num_devices = jax.device_count()
-    device_kind = jax.devices()[0].device_kind
-    tokens_per_step = t.global_batch_size * cfg.data.seq_len
-    writer = MetricsWriter(out / "metrics.jsonl", start_step=start) if main else None
-    tb = _tensorboard(out) if main else None
-    bar = None
-    if main and progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    step_times: list[float] = []
-    losses: dict[int, float] = {}
-    first_step_at = None
+def _memory_analysis(compiled: Any) -> dict[str, int]:
+    """XLA's static buffer sizes of the compiled step, per device (bytes)."""
     try:
-        for step in range(start, t.steps):
-            t_step = time.perf_counter()
-            batch = batches.train(step)
-            if want_grads:
-                state, metrics, grads = compiled(state, batch)
-            else:
-                state, metrics = compiled(state, batch)
-            m = jax.device_get(metrics)
-            dt = time.perf_counter() - t_step
-            if first_step_at is None:
-                first_step_at = time.perf_counter()
-            step_times.append(dt)
-            loss = float(m["loss"])
-            losses[step] = loss
-            global_batch = to_host(batch).reshape(-1, cfg.data.seq_len + 1)
-            tps = tokens_per_step / dt / num_devices
-            rec: dict[str, Any] = {
-                "step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                "lr": float(m["lr"]), "tokens_per_s": tps,
-                "mfu": flops.mfu(tps, cfg.model, cfg.data.seq_len, device_kind),
-                "batch_fingerprint": fingerprint(global_batch), "wall_time": time.time(),
-            }
-            if step in dump_grads:
-                g = to_host(grads)
-                if main:
-                    lw.save_safetensors(params_to_hf(g, cfg.model, t.scan_layers),
-                                        out / "dumps" / f"grads_step{step}.safetensors")
-            if step in dump_params:
-                p = to_host(state["params"])
-                if main:
-                    lw.save_safetensors(params_to_hf(p, cfg.model, t.scan_layers),
-                                        out / "dumps" / f"params_step{step}.safetensors")
-            if eval_compiled is not None and (step + 1) % t.eval_every == 0:
-                vals = [float(eval_compiled(state["params"], batches.val(i)))
-                        for i in range(t.eval_batches)]
-                rec["val_loss"] = float(np.mean(vals))
-            if main:
-                # the record goes out before the checkpoint: a crash in between resumes
-                # from the previous checkpoint, and MetricsWriter drops the later records
-                writer.write(rec)
-                _tb_write(tb, rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps * num_devices:.0f}")
-                elif (step + 1) % t.log_every == 0:
-                    say(f"step {step} loss {loss:.4f} tokens/s/device {tps:.0f}")
-            done = step + 1
-            if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
-                ckpts.save(done, state, {"step": done, "rng": rng_data.tolist(),
-                                         "config": cfg.to_dict()})
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return {}
+    names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+             "temp_size_in_bytes", "generated_code_size_in_bytes")
+    return {n: int(getattr(m, n)) for n in names if getattr(m, n, None) is not None}
+
+
+def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = None,
+          dump_grads: Iterable[int] = (), dump_params: Iterable[int] = (),
+          resume: bool = True, progress: bool = True,
+          dataset: Any = None, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train ``cfg`` into ``cfg.train.out_dir`` (the contract: docs/jaxlm.md).
+
+    Writes ``config.yaml``, ``metrics.jsonl``, TensorBoard events, checkpoints, dumps and
+    ``run_summary.json``; resumes from the newest complete checkpoint unless ``resume``
+    is False.
+    """
+    t_launch = time.perf_counter()
+    main = jax.process_index() == 0
+    say = log or (lambda s: print(s, file=sys.stderr) if main else None)
+    dumps = Dumps(set(dump_grads), set(dump_params))
+    runs.check_dump_steps(cfg.train.steps, dumps.grads, dumps.params)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    if on_cpu:  # device buffers are host heap memory: give freed blocks back
+        hostmem.configure_host_allocator()
+    run = open_run(cfg, init_weights=init_weights, resume=resume, progress=progress,
+                   dataset=dataset, say=say)
+    program = compile_program(run.setup, return_grads=bool(dumps.grads))
+    if on_cpu:
+        hostmem.release_free_memory()  # set-up and compile-time memory
+    _say_compiled(run, program)
+    rec = Recorder(cfg, run.out, start=run.start, main=main, progress=progress,
+                   num_devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
+                   say=say)
+    try:
+        _loop(run, program, rec, dumps)
     finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-        if tb is not None:
-            tb.close()
-        ckpts.close()
-
-    kept = step_times[t.warmup_steps_excluded:] or step_times
-    med = statistics.median(kept) if kept else None
-    tps_dev = (statistics.mean(tokens_per_step / s for s in kept) / num_devices) if kept else None
-    summary = {
-        "side": "jax",
-        "precision": t.precision,
-        "steps": t.steps,
-        "start_step": start,
-        "num_devices": num_devices,
-        "num_processes": jax.process_count(),
-        "device_kind": device_kind,
-        "mesh": shd.mesh_sizes(setup.mesh),
-        "num_micro_batches": setup.num_micro,
-        "tokens_per_s": tps_dev,
-        "tokens_per_s_total": tps_dev * num_devices if tps_dev is not None else None,
-        "step_time_s": med,
-        "mfu": (flops.mfu(tps_dev, cfg.model, cfg.data.seq_len, device_kind)
-                if tps_dev is not None else None),
-        "compile_s": compile_s,
-        "startup_s": (first_step_at - t_launch) if first_step_at else None,
-        "peak_memory_bytes": _peak_memory_bytes(),
-        "final_loss": losses[max(losses)] if losses else None,
-        "versions": _versions(),
-    }
+        rec.close()
+        run.ckpts.close()  # waits for the save in flight
+    summary = _summary(run, program, rec, t_launch)
     if main:
-        atomic_write_json(out / "run_summary.json", summary)
-    return TrainResult(summary=summary, losses=losses)
+        runs.write_run_summary(run.out, summary)
+    return TrainResult(summary=summary, losses=rec.losses)
 
 
-def _batch_struct(setup: Setup) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(setup.batch_shape, jnp.int32, sharding=setup.batch_sharding)
+@dataclass
+class Dumps:
+    """Steps whose accumulated gradient / updated params are written to ``dumps/``."""
+
+    grads: set[int]
+    params: set[int]
 
 
-def _tensorboard(out: Path) -> Any:
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # pragma: no cover - listed in the dependencies
-        return None
-    return SummaryWriter(logdir=str(out / "tb"))
+def _loop(run: Run, program: Program, rec: Recorder, dumps: Dumps) -> None:
+    """dispatch step -> put the next batch -> record the previous step -> dump, evaluate
+    and save as due."""
+    t = run.cfg.train
+    state = run.state
+    run.state = {}  # donated by the first step: no stale reference
+    batch = run.batches.train(run.start) if run.start < t.steps else None
+    for step in range(run.start, t.steps):
+        dispatched = time.perf_counter()
+        state, metrics, grads = _dispatch(program, state, batch)
+        next_batch = run.batches.train(step + 1) if step + 1 < t.steps else None
+        rec.add(step, metrics, batch, dispatched)
+        if step in dumps.grads:
+            _dump(run, "grads", step, grads)
+        if step in dumps.params:
+            _dump(run, "params", step, state["params"])
+        done = step + 1
+        if program.evaluate is not None and done % t.eval_every == 0:
+            rec.attach(step, "val_loss", [program.evaluate(state["params"], run.batches.val(i))
+                                          for i in range(t.eval_batches)])
+        if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
+            # records go out before their checkpoint: a crash in between resumes from
+            # the previous checkpoint, and MetricsWriter drops the later records
+            rec.flush()
+            run.ckpts.save(done, state, run.checkpoint_meta(done))
+        batch = next_batch
+    rec.flush()
 
 
-def _tb_write(tb: Any, rec: dict[str, Any]) -> None:
-    if tb is None:
-        return
-    for k in ("loss", "grad_norm", "lr", "tokens_per_s", "val_loss", "mfu"):
-        v = rec.get(k)
-        if v is not None:
-            tb.add_scalar(f"train/{k}", v, rec["step"])
+def _dispatch(program: Program, state: dict, batch: FedBatch | None) -> tuple[Any, Any, Any]:
+    assert batch is not None
+    if program.returns_grads:
+        return program.step(state, batch.array)
+    state, metrics = program.step(state, batch.array)
+    return state, metrics, None
+
+
+def _dump(run: Run, kind: str, step: int, tree: Any) -> None:
+    host = to_host(tree)
+    if run.main:
+        cfg = run.cfg
+        lw.save_safetensors(params_to_hf(host, cfg.model, cfg.train.scan_layers),
+                            run.out / "dumps" / f"{kind}_step{step}.safetensors")
+
+
+def _say_compiled(run: Run, program: Program) -> None:
+    s, t = run.setup, run.setup.cfg.train
+    run.say(f"compiled train_step in {program.compile_s:.2f}s; mesh {shd.mesh_sizes(s.mesh)}, "
+            f"{s.num_micro} micro-batch(es) of {s.rows_per_micro} rows; attention "
+            f"{t.attention}, remat {t.remat}")
+
+
+def peak_memory() -> tuple[int, int]:
+    """(this process's peak, the peak per device) in bytes. Accelerators: the allocator's
+    peaks (summed; the largest device's). CPU: the process's resident-set peak, and that
+    peak shared equally by its virtual devices, which live in the one process (DeepSpeed
+    on CPU runs one process per device, so its per-process peak is per device)."""
+    stats = [d.memory_stats() for d in jax.local_devices() if d.platform != "cpu"]
+    peaks = [int(st.get("peak_bytes_in_use", 0)) for st in stats if st]
+    if peaks:
+        return sum(peaks), max(peaks)
+    rss = runs.peak_rss_bytes()
+    return rss, rss // max(1, jax.local_device_count())
+
+
+def _summary(run: Run, program: Program, rec: Recorder, t_launch: float) -> dict[str, Any]:
+    setup = run.setup
+    process_peak, device_peak = peak_memory()
+    return runs.run_summary(
+        side="jax", cfg=run.cfg, step_times=rec.step_times, start_step=run.start,
+        num_devices=jax.device_count(), num_processes=jax.process_count(),
+        device_kind=jax.devices()[0].device_kind, num_micro_batches=setup.num_micro,
+        peak_memory_bytes=process_peak, peak_memory_per_device_bytes=device_peak,
+        startup_s=(rec.first_ready - t_launch) if rec.first_ready else None,
+        final_loss=rec.losses[max(rec.losses)] if rec.losses else None,
+        versions=runs.versions(*JAX_DISTRIBUTIONS),
+        compile_s=program.compile_s, mesh=shd.mesh_sizes(setup.mesh),
+        attention=setup.cfg.train.attention, remat=setup.cfg.train.remat,
+        compiled_memory=program.memory,
+    )

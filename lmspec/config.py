@@ -48,9 +48,12 @@ DEFAULT_RULES: dict[str, Any] = {
 
 MESH_AXES = ("data", "fsdp", "tensor")
 PRECISIONS = ("fp32", "bf16")
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+# "auto": the trainer picks per model size and device memory (jaxlm.tuning.resolve_remat)
+REMAT_POLICIES = ("auto", "none", "full", "dots_saveable")
 WD_MASK_POLICIES = ("matrices", "all", "none")
-ATTENTION_IMPLS = ("xla", "cudnn")
+# "auto": cudnn (flash) for bf16 on NVIDIA GPUs where cuDNN supports the shapes, xla
+# elsewhere (jaxlm.tuning.resolve_attention)
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # DeepSpeed settings: "parity" is bitwise-strict (no comm/compute overlap, unfused AdamW,
 # the parity runs' attention); "bench" is what users run for speed (see torchlm.ds_config)
 ZERO_PROFILES = ("parity", "bench")
@@ -208,9 +211,9 @@ class TrainConfig:
     eval_batches: int = 2
     ckpt_every: int = 0  # 0 = checkpoint only at the end
     ckpt_keep: int = 2
-    remat: str = "none"
+    remat: str = "auto"  # auto | none | full | dots_saveable
     scan_layers: bool = True
-    attention: str = "xla"  # xla | cudnn (GPU only)
+    attention: str = "auto"  # auto | xla | cudnn (GPU only)
     warmup_steps_excluded: int = 2  # steps left out of throughput figures
 
     def validate(self, prefix: str = "train") -> None:

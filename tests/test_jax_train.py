@@ -23,6 +23,7 @@ jax = pytest.importorskip("jax")
 from jaxlm import api  # noqa: E402
 from jaxlm.trainer import train  # noqa: E402
 from lmspec.config import load_config  # noqa: E402
+from lmspec.data import batch_fingerprint  # noqa: E402
 from lmspec.metrics import REQUIRED_FIELDS, read_metrics  # noqa: E402
 from lmspec.weights import init_weights, load_safetensors, save_safetensors  # noqa: E402
 
@@ -212,18 +213,21 @@ def test_cli_run_contract_dumps_and_grads_match_api(tmp_path: Path, dataset) -> 
         assert set(REQUIRED_FIELDS) <= set(rec)
         assert rec["mfu"] is None and rec["tokens_per_s"] > 0
     assert "val_loss" in recs[1] and "val_loss" not in recs[0]
-    from lmspec.data import fingerprint
+    from lmspec.data import fingerprint_parts, row_digests
     from lmspec.schedule import lr_at
 
     for s, rec in enumerate(recs):
-        assert rec["batch_fingerprint"] == fingerprint(dataset.global_batch(s))
+        rows = dataset.global_batch(s)
+        assert rec["batch_fingerprint"] == batch_fingerprint(rows)
+        assert rec["batch_fingerprint_parts"] == fingerprint_parts(row_digests(rows), 1)
         assert rec["lr"] == pytest.approx(lr_at(s, cfg.optim), rel=1e-7)
     summary = json.loads((out / "run_summary.json").read_text())
-    for k in ("side", "precision", "steps", "num_devices", "device_kind", "tokens_per_s",
-              "tokens_per_s_total", "step_time_s", "mfu", "compile_s", "peak_memory_bytes",
-              "versions"):
+    from lmspec.runs import SUMMARY_FIELDS
+
+    for k in (*SUMMARY_FIELDS, "compile_s", "attention", "remat", "compiled_memory"):
         assert k in summary, k
     assert summary["side"] == "jax" and summary["num_devices"] == 8
+    assert (summary["attention"], summary["remat"]) == ("xla", "none")  # auto on CPU
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "3").is_dir()
     assert any((out / "tb").iterdir())
     # step-0 gradient of the sharded, accumulated trainer == single-device API
@@ -360,8 +364,7 @@ def test_two_processes_match_one(tmp_path: Path, dataset, ref_run) -> None:
     for r in mp:
         ref = one.losses[r["step"]]
         assert abs(r["loss"] - ref) <= MULTIPROCESS_RTOL * abs(ref), (r["step"], r["loss"], ref)
-        assert r["batch_fingerprint"] == __import__("lmspec.data").data.fingerprint(
-            dataset.global_batch(r["step"]))
+        assert r["batch_fingerprint"] == batch_fingerprint(dataset.global_batch(r["step"]))
     assert (tmp_path / "mp" / "checkpoints" / str(steps)).is_dir()
 
 

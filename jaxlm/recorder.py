@@ -1,0 +1,138 @@
+"""Per-step records without stalling the device: metrics of step ``n`` are read after
+step ``n + 1`` has been dispatched, so the host waits for a step that is already
+finished (or about to be) while the next one runs.
+
+Step time: the host observes when each step's metrics are ready; the time of step ``n``
+is ``ready[n] - max(ready[n - 1], dispatched[n])``: the device was busy with step ``n``
+from the later of the previous step's end and its own dispatch until its metrics were
+ready. In steady state (the device always has a step queued) this is the device's step
+time; pauses between steps (saves, evaluation, dumps) are not counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlm import batches as fb
+from lmspec import flops
+from lmspec.config import ExperimentConfig
+from lmspec.metrics import MetricsWriter
+
+
+@dataclass
+class _Pending:
+    step: int
+    metrics: Any  # device scalars
+    batch: fb.FedBatch
+    dispatched: float
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. val_loss: device scalars
+
+
+class Recorder:
+    """Writes ``metrics.jsonl``, TensorBoard and the progress bar, one step late."""
+
+    def __init__(self, cfg: ExperimentConfig, out: Path, *, start: int, main: bool,
+                 progress: bool, num_devices: int, device_kind: str,
+                 say: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.main = main
+        self.say = say
+        self.num_devices = num_devices
+        self.device_kind = device_kind
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        self.writer = MetricsWriter(out / "metrics.jsonl", start_step=start) if main else None
+        self.tb = _tensorboard(out) if main else None
+        self.bar = None
+        if main and progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
+                            dynamic_ncols=True)
+        self.pending: list[_Pending] = []
+        self.step_times: list[float] = []
+        self.losses: dict[int, float] = {}
+        self.first_ready: float | None = None
+        self._last_ready: float | None = None
+
+    def add(self, step: int, metrics: Any, batch: fb.FedBatch, dispatched: float) -> None:
+        """Queue step ``step`` (just dispatched) and write every earlier step's record."""
+        self.flush(keep_last=False)
+        self.pending.append(_Pending(step, metrics, batch, dispatched))
+
+    def attach(self, step: int, name: str, values: Any) -> None:
+        """Add a field to a queued step's record, as device values read when it is
+        written (``val_loss``: the mean of the values)."""
+        for p in self.pending:
+            if p.step == step:
+                p.extra[name] = values
+                return
+        raise AssertionError(f"step {step} is not queued")
+
+    def flush(self, keep_last: bool = False) -> None:
+        """Write the queued records (all, or all but the newest); waits for their steps."""
+        while len(self.pending) > (1 if keep_last else 0):
+            self._write(self.pending.pop(0))
+
+    def _write(self, p: _Pending) -> None:
+        m = jax.device_get(p.metrics)
+        ready = time.perf_counter()
+        if self.first_ready is None:
+            self.first_ready = ready
+        begin = p.dispatched if self._last_ready is None else max(self._last_ready,
+                                                                  p.dispatched)
+        self._last_ready = ready
+        dt = max(ready - begin, 1e-9)
+        self.step_times.append(dt)
+        loss = float(m["loss"])
+        self.losses[p.step] = loss
+        fps = fb.fingerprints(p.batch, self.cfg.train.micro_batch_size)
+        fb.forget(p.step)
+        if not self.main:
+            return
+        assert fps is not None
+        tps = self.tokens_per_step / dt / self.num_devices
+        rec: dict[str, Any] = {
+            "step": p.step, "loss": loss, "grad_norm": float(m["grad_norm"]),
+            "lr": float(m["lr"]), "tokens_per_s": tps,
+            "mfu": flops.mfu(tps, self.cfg.model, self.cfg.data.seq_len, self.device_kind),
+            "batch_fingerprint": fps[0], "batch_fingerprint_parts": fps[1],
+            "wall_time": time.time(),
+        }
+        for name, values in p.extra.items():
+            rec[name] = float(np.mean([float(v) for v in jax.device_get(values)]))
+        self.writer.write(rec)
+        _tb_write(self.tb, rec)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps * self.num_devices:.0f}")
+        elif (p.step + 1) % self.cfg.train.log_every == 0:
+            self.say(f"step {p.step} loss {loss:.4f} tokens/s/device {tps:.0f}")
+
+    def close(self) -> None:
+        for closer in (self.bar, self.writer, self.tb):
+            if closer is not None:
+                closer.close()
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # pragma: no cover - listed in the dependencies
+        return None
+    return SummaryWriter(logdir=str(out / "tb"))
+
+
+def _tb_write(tb: Any, rec: dict[str, Any]) -> None:
+    if tb is None:
+        return
+    for k in ("loss", "grad_norm", "lr", "tokens_per_s", "val_loss", "mfu"):
+        v = rec.get(k)
+        if v is not None:
+            tb.add_scalar(f"train/{k}", v, rec["step"])
