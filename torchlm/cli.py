@@ -63,16 +63,20 @@ def _main(argv: Sequence[str] | None) -> int:
     if ds.num_val_windows == 0 and cfg.train.eval_every:
         print("note: no validation windows (data.val_fraction); val_loss is not logged",
               file=sys.stderr)
+    from lmspec.runs import train_args
     from torchlm.launch import WorkerError, launch
 
     worker_args = [args.config, *args.overrides]
     if args.init_weights:
         worker_args += ["--init-weights", args.init_weights]
-    for flag, steps in (("--dump-grads", args.dump_grads), ("--dump-params", args.dump_params)):
+    targs = train_args(args, cfg)  # dump steps checked against train.steps before launch
+    for flag, steps in (("--dump-grads", targs.dump_grads), ("--dump-params", targs.dump_params)):
         if steps:
             worker_args += [flag, ",".join(map(str, steps))]
-    if args.no_resume:
+    if not targs.resume:
         worker_args.append("--no-resume")
+    if not targs.progress:
+        worker_args.append("--no-progress")
     try:
         return launch(cfg, worker_args)
     except WorkerError as e:

@@ -35,9 +35,7 @@ import logging
 import math
 import os
 import platform
-import resource
 import shutil
-import statistics
 import time
 import warnings
 from collections.abc import Sequence
@@ -51,11 +49,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lmspec import flops
-from lmspec.cli import add_config_args
 from lmspec.config import ConfigError, ExperimentConfig, load_config, save_config
 from lmspec.data import Dataset, combine_row_digests, fingerprint_parts, row_digests
-from lmspec.io import atomic_write_json
 from lmspec.metrics import MetricsWriter
+from lmspec.runs import (
+    add_train_args,
+    peak_rss_bytes,
+    run_summary,
+    train_args,
+    versions,
+    write_run_summary,
+)
 from lmspec.weights import init_weights
 from lmspec.weights import load_safetensors as load_np_safetensors
 from lmspec.weights import save_safetensors as save_np_safetensors
@@ -67,34 +71,6 @@ from torchlm.weights import load_numpy
 CKPT_SUBDIR = "checkpoints"
 FINAL_WEIGHTS = "model.safetensors"
 LAUNCH_TIME_ENV = "TORCHLM_LAUNCH_TIME"
-
-
-def parse_steps(text: str) -> tuple[int, ...]:
-    """``"0,3"`` -> ``(0, 3)``; an empty string means none."""
-    if not text.strip():
-        return ()
-    try:
-        steps = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected comma-separated step numbers, e.g. 0,3"
-        ) from None
-    if any(s < 0 for s in steps):
-        raise argparse.ArgumentTypeError(f"{text!r}: step numbers must be >= 0")
-    return steps
-
-
-def add_train_args(parser: argparse.ArgumentParser) -> None:
-    """The trainer flags shared with ``jaxlm train`` (see the notes' CLI contract)."""
-    add_config_args(parser)
-    parser.add_argument("--init-weights", metavar="FILE",
-                        help="HF-named fp32 safetensors to start from (strict load)")
-    parser.add_argument("--dump-grads", type=parse_steps, default=(), metavar="STEPS",
-                        help="write dumps/grads_step<s>.safetensors for these steps, e.g. 0,3")
-    parser.add_argument("--dump-params", type=parse_steps, default=(), metavar="STEPS",
-                        help="write dumps/params_step<s>.safetensors after these steps' update")
-    parser.add_argument("--no-resume", action="store_true",
-                        help="start from step 0 even if out_dir holds a checkpoint")
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> str | None:
@@ -132,19 +108,10 @@ def _fill_single_process_env() -> None:
                        "MASTER_PORT": str(port)})
 
 
-def _versions() -> dict[str, str]:
-    import deepspeed
-    import transformers
-
-    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
-
-
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    return peak_rss_bytes()
 
 
 def rank_rows(data: Dataset, step: int, micro_step: int, rank: int, world_size: int,
@@ -175,6 +142,7 @@ class Trainer:
 
         self.cfg = cfg
         self.args = args
+        self.targs = train_args(args, cfg)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         if self.world != cfg.zero.world_size:
@@ -227,10 +195,12 @@ class Trainer:
         t = self.cfg.train
         start = self.restore_or_init()
         writer = self.open_metrics(start)
-        bar = tqdm(total=t.steps, initial=start, disable=self.rank != 0, desc="torchlm train",
+        bar = tqdm(total=t.steps, initial=start, disable=self.rank != 0 or not self.targs.progress,
+                   desc="torchlm train",
                    unit="step", dynamic_ncols=True, mininterval=1.0)
         step_times: list[float] = []
         first_step_wall = time.time() if start < t.steps else None
+        final_loss = None
         for step in range(start, t.steps):
             self._sync()
             t0 = time.perf_counter()
@@ -240,13 +210,14 @@ class Trainer:
             record = self.make_record(step, out, step_times[-1])
             self.maybe_evaluate(step, record)
             self.log_record(writer, bar, record)
+            final_loss = record["loss"]
             self.maybe_save(step)
         bar.close()
         if writer is not None:
             writer.close()
         self.export_weights(self.out_dir / FINAL_WEIGHTS)
         launch = float(os.environ.get(LAUNCH_TIME_ENV, "nan"))
-        return self._summary(step_times, start, launch, first_step_wall)
+        return self._summary(step_times, start, launch, first_step_wall, final_loss)
 
     # ------------------------------------------------------------------ pieces
 
@@ -256,7 +227,7 @@ class Trainer:
         from torchlm.gather import set_master_params
 
         start = 0
-        if not self.args.no_resume and latest_checkpoint(self.out_dir):
+        if self.targs.resume and latest_checkpoint(self.out_dir):
             path, client = self.engine.load_checkpoint(
                 str(self.ckpt_dir), load_optimizer_states=True, load_lr_scheduler_states=True
             )
@@ -300,7 +271,7 @@ class Trainer:
             self.engine.backward(loss)
             loss_sum += loss.detach().double()
             if m == self.gas - 1:  # gradients complete (accumulated and reduced)
-                if step in self.args.dump_grads:
+                if step in self.targs.dump_grads:
                     td = time.perf_counter()
                     self._dump("grads", step, full_grads(self.engine))
                     out.excluded_s += time.perf_counter() - td
@@ -311,7 +282,7 @@ class Trainer:
             self.engine.step()
         if out.norm is None:
             out.norm = self.engine.get_global_grad_norm()
-        if step in self.args.dump_params:
+        if step in self.targs.dump_params:
             from torchlm.gather import full_params
 
             td = time.perf_counter()
@@ -451,38 +422,31 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def _summary(self, step_times: list[float], start: int, launch: float,
-                 first_step_wall: float | None) -> dict[str, Any] | None:
+                 first_step_wall: float | None, final_loss: float | None
+                 ) -> dict[str, Any] | None:
+        """``run_summary.json`` (:func:`lmspec.runs.run_summary`), written by rank 0."""
         cfg = self.cfg
-        kept = step_times[cfg.train.warmup_steps_excluded:] or step_times
-        tokens_per_step = self.gas * self.micro * self.seq_len
-        tps = statistics.fmean(tokens_per_step / s for s in kept) if kept else None
         peak = torch.tensor([_peak_memory(self.device)], dtype=torch.float64,
                             device=self.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the largest process
         if self.rank != 0:
             return None
-        summary = {
-            "side": "torch",
-            "precision": cfg.train.precision,
-            "steps": cfg.train.steps,
-            "resumed_from_step": start,
-            "num_devices": self.world,
-            "zero_stage": cfg.zero.stage,
-            "zero_profile": cfg.zero.profile,
-            "device_kind": self.device_name,
-            "tokens_per_s": tps,
-            "tokens_per_s_total": tps * self.world if tps is not None else None,
-            "step_time_s": statistics.median(kept) if kept else None,
-            "mfu": flops.mfu(tps, cfg.model, self.seq_len, self.device_name)
-            if tps is not None else None,
-            "startup_s": (first_step_wall - launch)
+        summary = run_summary(
+            side="torch", cfg=cfg, step_times=step_times, start_step=start,
+            num_devices=self.world, num_processes=self.world, device_kind=self.device_name,
+            num_micro_batches=self.gas, peak_memory_bytes=int(peak.item()),
+            # one device per process: on GPU the process peak is the device's
+            peak_memory_per_device_bytes=(int(peak.item()) if self.device.type == "cuda"
+                                          else None),
+            startup_s=(first_step_wall - launch)
             if first_step_wall is not None and math.isfinite(launch) else None,
-            "peak_memory_bytes": int(peak.item()),
-            "versions": _versions(),
-        }
-        atomic_write_json(self.out_dir / "run_summary.json", summary)
+            final_loss=final_loss,
+            versions=versions("torch", "deepspeed", "transformers", "numpy"),
+            zero_stage=cfg.zero.stage, zero_profile=cfg.zero.profile,
+            resumed_from_step=start,
+        )
+        write_run_summary(self.out_dir, summary)
         return summary
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Worker entry: join the process group, train, leave."""
