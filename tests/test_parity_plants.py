@@ -59,8 +59,10 @@ def _loss_grads(cfg, w, windows, precision="fp32", num_micro=4):
     w_mbt1 = jnp.asarray(windows.reshape(num_micro, -1, windows.shape[1]), jnp.int32)
     with api.matmul_precision(precision):
         loss, grads = jax.jit(lambda p, x: S.accumulate_grads(loss_fn, p, x))(params, w_mbt1)
-    return float(loss), {k: np.asarray(v) for k, v in
-                         zip(*zip(*jax.tree_util.tree_leaves_with_path(grads)), strict=True)}
+    from jaxlm.weights import params_to_hf
+
+    return float(loss), params_to_hf(jax.tree.map(np.asarray, grads), cfg.model,
+                                     cfg.train.scan_layers)
 
 
 def _opt_updates(cfg, w, steps=2):
@@ -75,7 +77,7 @@ def _opt_updates(cfg, w, steps=2):
     state = tx.init(params)
     rng = np.random.default_rng(1)
     out = []
-    for s in range(steps):
+    for _ in range(steps):
         # magnitudes from 1e-9 (near eps) to 0.1: a global norm above the clip (~4.5)
         grads = jax.tree.map(lambda p: jnp.asarray(
             rng.standard_normal(p.shape) * 10.0 ** rng.uniform(-9, -1, p.shape), jnp.float32),
