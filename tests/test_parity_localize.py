@@ -187,3 +187,35 @@ def test_capture_agrees_across_frameworks_and_finds_a_planted_norm_bug(cfg):
         undo()
     r = L.first_over(L.compare_to_truth(bad, t32, t64, names, L.FWD_MULTIPLE, L.FWD_ABS))
     assert r is not None and r.name == "layer 0 input_layernorm"
+
+
+def _synthetic_bf16(cfg, rng, bad_act=None, loss_off=0.0, bad_grad=None):
+    names = L.activation_names(cfg.model.num_hidden_layers)
+    acts64 = {n: rng.standard_normal((2, 4, 8)) for n in names}
+    torch16 = {n: noisy(acts64[n], 4e-3, rng) for n in names}
+    hf16 = {n: noisy(torch16[n], 3e-3, rng) for n in names}
+    jax16 = {n: noisy(torch16[n], 3e-3 if n != bad_act else 3e-2, rng) for n in names}
+    g64, p = _grads_params(cfg)
+    gt = {k: noisy(v, 1e-2, rng) for k, v in g64.items()}
+    gh = {k: noisy(v, 5e-3, rng) for k, v in gt.items()}
+    gj = {k: noisy(v, 5e-3 if k != bad_grad else 5e-2, rng) for k, v in gt.items()}
+    truth = {"acts64": acts64, "torch16": torch16, "hf16": hf16, "jax16": jax16,
+             "loss64": 5.0, "grads64": g64, "torch16_loss": 5.001, "hf16_loss": 5.0011,
+             "torch16_grads": gt, "hf16_grads": gh}
+    jax = run("jax bf16", "jax", "bf16", metrics([5.0011 + loss_off] * 4, optim=cfg.optim), gj)
+    ds = run("ds zero1 bf16", "torch", "bf16", metrics([5.001] * 4, optim=cfg.optim), gt)
+    return truth, p, {"jax bf16": jax, "ds zero1 bf16": ds}
+
+
+def test_bf16_ladder_on_synthetic_runs(cfg):
+    rng = np.random.default_rng(3)
+    truth, p, runs = _synthetic_bf16(cfg, rng)
+    assert L.bf16_ladder(cfg, p, None, runs, truth) is None
+    truth, p, runs = _synthetic_bf16(cfg, rng, bad_act="layer 0 input_layernorm")
+    f = L.bf16_ladder(cfg, p, None, runs, truth)
+    assert f["category"] == "bf16:forward" and "layer 0 input_layernorm" in f["headline"]
+    truth, p, runs = _synthetic_bf16(cfg, rng, loss_off=0.01)
+    assert L.bf16_ladder(cfg, p, None, runs, truth)["category"] == "bf16:loss"
+    truth, p, runs = _synthetic_bf16(cfg, rng, bad_grad="model.norm.weight")
+    f = L.bf16_ladder(cfg, p, None, runs, truth)
+    assert f["category"] == "bf16:gradients" and "model.norm.weight" in f["headline"]
