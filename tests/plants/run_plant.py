@@ -4,7 +4,8 @@ DeepSpeed runs cached across plants (cached_trainer.py) and the step-0 diagnosis
 ``PARITY_PLANT=NAME PYTHONPATH=tests/plants:. python tests/plants/run_plant.py CONFIG
 --out DIR --cache DIR [--precisions fp32] [--zero-stages 1] [--steps N] [k=v ...]``
 prints ``diagnosis: <headline>`` first among its verdict lines, writes
-``DIR/diagnosis.json`` and exits 0 only when every check passes.
+``DIR/diagnosis.json`` and exits 0 only when every check passes. ``--diagnose-only``
+diagnoses the runs already in ``--out`` again (same plant in ``PARITY_PLANT``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precisions", default="fp32")
     ap.add_argument("--zero-stages", default="1")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--diagnose-only", action="store_true",
+                    help="no runs: diagnose the runs already in --out (report.json)")
     args, overrides = ap.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     precisions = tuple(args.precisions.split(","))
@@ -45,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = P.ParityOptions(out=args.out, zero_stages=stages, precisions=precisions,
                            steps_fp32=args.steps, steps_bf16=args.steps,
                            trainer_cmd=trainer_cmd)
-    result = P.run_parity(cfg, opts, config_source=args.config)
+    if args.diagnose_only:
+        result = json.loads((Path(args.out) / "report.json").read_text())
+        result.pop("diagnosis", None)
+    else:
+        result = P.run_parity(cfg, opts, config_source=args.config)
     diag = result.get("diagnosis")
     if diag is None:  # until run_parity has its diagnosis phase
         out = Path(args.out).resolve()
@@ -61,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     (Path(args.out) / "diagnosis.json").write_text(json.dumps(diag, indent=1, default=str))
     print(f"diagnosis: {diag['headline']}", flush=True)
     print(f"category: {diag.get('category')}", flush=True)
+    if args.diagnose_only:
+        return 0
     return finish(result)
 
 
