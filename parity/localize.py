@@ -52,11 +52,13 @@ from lmspec.weights import decays, param_shapes
 FWD_MULTIPLE = 10.0
 FWD_ABS = 1e-6  # relative; covers activations both compute exactly (embedding rows)
 # Gradients and the step-0 loss: same rule. Clean: JAX's gradient error at most 1.6x
-# torch's (worst tensor at 0.11 of the limit), the loss at 0.51 of its limit.
+# torch's (worst tensor at 0.11 of the limit). The loss: with LOSS_ABS at one fp32 ulp
+# the worst clean seed sat at 0.51 of the limit (torch's own error happened to be tiny),
+# so LOSS_ABS allows a few ulps of a loss near 6 (one ulp is ~8e-8 relative).
 GRAD_MULTIPLE = 10.0
 GRAD_ABS = 1e-6
 LOSS_MULTIPLE = 10.0
-LOSS_ABS = 1e-7
+LOSS_ABS = 5e-7
 # Optimizer: update vs exact AdamW of its own gradient. DeepSpeed's own distance carries
 # the ill-conditioned elements (|clipped g| near eps: up to 2.4e-4 on the norm gains);
 # the planted optimizer bugs sit >= 10x above the limit this gives.
