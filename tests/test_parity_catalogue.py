@@ -42,6 +42,8 @@ def run_case(name: str, out: Path, cache: Path, timeout: float = 1800) -> dict:
     cmd = [sys.executable, str(PLANTS_DIR / "run_plant.py"), str(ROOT / "configs/tiny.yaml"),
            "--out", str(out), "--cache", str(cache), "--precisions", precision,
            "--zero-stages", "1", "--steps", str(STEPS[precision])]
+    if not clean:
+        cmd += list(parity_plants.PLANTS[name].overrides)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                        cwd=ROOT)
