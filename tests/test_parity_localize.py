@@ -219,3 +219,21 @@ def test_bf16_ladder_on_synthetic_runs(cfg):
     truth, p, runs = _synthetic_bf16(cfg, rng, bad_grad="model.norm.weight")
     f = L.bf16_ladder(cfg, p, None, runs, truth)
     assert f["category"] == "bf16:gradients" and "model.norm.weight" in f["headline"]
+
+
+def test_bf16_curve_judges_the_first_steps(cfg):
+    def mk(label, side, prec, losses):
+        r = run(label, side, prec, metrics(losses, optim=cfg.optim))
+        r.spec.zero_stage = None if side == "jax" else 1
+        return r
+
+    base = [6.0 - 0.05 * s for s in range(12)]
+    ds32 = mk("ds zero1 fp32", "torch", "fp32", base)
+    ds16 = mk("ds zero1 bf16", "torch", "bf16", [x + 1e-3 * (-1) ** s for s, x in
+                                                 enumerate(base)])
+    ok = mk("jax bf16", "jax", "bf16", [x + 1e-3 * (-1) ** s + 1e-4 for s, x in
+                                        enumerate(base)])
+    assert L.bf16_curve(ok, [ds16], [ds32]) is None
+    bad = mk("jax bf16", "jax", "bf16", [x + 2e-3 for x in base])
+    f = L.bf16_curve(bad, [ds16], [ds32])
+    assert f["category"] == "bf16:loss" and "steps 0-9" in f["headline"]
