@@ -3,8 +3,8 @@
 :func:`diagnose` is the run's diagnosis phase. It takes ``(cfg, weights, batch, runs,
 checks)`` and returns the dict stored as ``result["diagnosis"]``; when that dict has a
 ``headline`` it is the first line ``parity run`` prints and the first line of
-report.md/.html. A localisation module (``parity.localize``, function ``localize`` with
-the same arguments) is called when it exists; without it the headline names the failing
+report.md/.html. The localisation of :func:`parity.localize.diagnose` (same arguments) names
+the first step-0 quantity over its noise; without a finding the headline names the failing
 check with the largest margin. For a failing fp32 first-update check the figures of
 :func:`update_diagnosis` and :func:`truth_diagnosis` are added.
 """
@@ -53,7 +53,11 @@ def diagnose(cfg: ExperimentConfig, weights: Mapping[str, np.ndarray], batch: np
         loc = None
     try:
         if loc is not None:
-            found = loc.localize(cfg, weights, batch, runs, checks)
+            found = loc.diagnose(cfg, weights, batch, runs, checks)
+            if found and found.get("category") is None:
+                # nothing over its noise at step 0: the failing check stays the headline
+                found = {k: v for k, v in found.items() if k != "headline"} | {
+                    "localize": found.get("headline")}
             if found:
                 out.update(found)
         for c in failing:

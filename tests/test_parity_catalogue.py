@@ -66,6 +66,7 @@ def cache(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.catalogue
 @pytest.mark.parametrize("name", CLEAN)
 def test_unplanted_project_passes_the_same_path(name, cache, tmp_path):
     case = run_case(name, tmp_path / name, cache)
@@ -74,6 +75,7 @@ def test_unplanted_project_passes_the_same_path(name, cache, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.catalogue
 @pytest.mark.parametrize("name", sorted(parity_plants.PLANTS))
 def test_planted_bug_is_caught_and_localised(name, cache, tmp_path):
     plant = parity_plants.PLANTS[name]
