@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         result.pop("diagnosis", None)
     else:
         result = P.run_parity(cfg, opts, config_source=args.config)
-    diag = result.get("diagnosis")
-    if diag is None:  # until run_parity has its diagnosis phase
+    diag = result.get("diagnosis") or {}
+    if "category" not in diag:  # run_parity localises only runs with a failing check
         out = Path(args.out).resolve()
         runs = {}
         for spec in P.plan_runs(out, stages, precisions, args.steps, args.steps):
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = load_safetensors(out / "init_weights.safetensors")
         diag = localize.diagnose(cfg, weights, batch, runs, result["checks"])
     (Path(args.out) / "diagnosis.json").write_text(json.dumps(diag, indent=1, default=str))
-    print(f"diagnosis: {diag['headline']}", flush=True)
+    print(f"diagnosis: {diag.get('headline')}", flush=True)
     print(f"category: {diag.get('category')}", flush=True)
     if args.diagnose_only:
         return 0
