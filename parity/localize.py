@@ -164,13 +164,16 @@ def jax_activations(cfg: ExperimentConfig, weights: Arrays, tokens_bt: np.ndarra
 
     from jaxlm import api as japi
     from jaxlm import model as jm
+    from jaxlm import tuning
     from jaxlm.weights import hf_to_params
 
     dt = jm.compute_dtype(precision)
-    t = cfg.train
+    # ``auto`` resolved for one device, as jaxlm.api and the trainer resolve it
+    attention = tuning.resolve_attention(cfg.train.attention, cfg.model, precision,
+                                         jax.devices()[:1])
     abstract = nnx.eval_shape(lambda: jm.Llama(cfg.model, rngs=nnx.Rngs(0), dtype=dt,
                                                scan_layers=False, remat="none",
-                                               attention=t.attention))
+                                               attention=attention))
     graphdef, _ = nnx.split(abstract)
     params = hf_to_params(dict(weights), cfg.model, False, "weights")
     cast = jax.tree.map(lambda p: jnp.asarray(p).astype(dt), params)

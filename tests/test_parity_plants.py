@@ -53,7 +53,7 @@ def _loss_grads(cfg, w, windows, precision="fp32", num_micro=4):
     from jaxlm import api
     from jaxlm import step as S
 
-    graphdef = api._graphdef(cfg, precision)
+    graphdef = api._graphdef(cfg, precision, windows.shape[0] // num_micro)
     params = api._device_params(cfg, w)
     loss_fn = S.make_loss_fn(graphdef, precision)
     w_mbt1 = jnp.asarray(windows.reshape(num_micro, -1, windows.shape[1]), jnp.int32)
