@@ -6,7 +6,6 @@ import os
 import platform
 import shutil
 import subprocess
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +13,13 @@ VERSION_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch
                     "transformers", "numpy", "safetensors")
 
 
-def versions() -> dict[str, str]:
-    """Installed versions (from package metadata, nothing imported)."""
-    out = {"python": platform.python_version()}
-    for pkg in VERSION_PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+def versions(*extra: str) -> dict[str, str]:
+    """Installed versions of :data:`VERSION_PACKAGES` and ``extra`` (from package
+    metadata, nothing imported); packages that are not installed are left out."""
+    from lmspec.runs import versions as installed
+
+    return {k: v for k, v in installed(*VERSION_PACKAGES, *extra).items()
+            if v != "not installed"}
 
 
 def hardware() -> dict[str, Any]:

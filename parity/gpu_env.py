@@ -15,7 +15,6 @@ import platform
 import shutil
 import subprocess
 import sys
-from importlib import metadata
 from typing import Any
 
 from parity.run import hardware, versions
@@ -58,13 +57,7 @@ def torch_cuda() -> str | None:
 
 def package_versions() -> dict[str, str]:
     """:func:`parity.run.versions` plus the accelerator plugins (only those installed)."""
-    out = versions()
-    for pkg in EXTRA_PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return versions(*EXTRA_PACKAGES)
 
 
 def environment() -> dict[str, Any]:
