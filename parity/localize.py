@@ -116,6 +116,35 @@ def activation_names(num_layers: int) -> list[str]:
     return names + ["final norm", "logits"]
 
 
+def _hooked_forward(body: Any, forward: Callable[[], Any]) -> tuple[dict[str, np.ndarray], Any]:
+    """Run ``forward()`` (no grad) with forward hooks on a Llama body's embedding, each
+    layer's norms, attention and MLP, and final norm (torchlm's and Hugging Face's share
+    these module names); returns the outputs as float64 numpy by
+    :func:`activation_names` name, and what ``forward`` returned."""
+    import torch
+
+    out: dict[str, np.ndarray] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(_mod: Any, _inp: Any, y: Any) -> None:
+            y = y[0] if isinstance(y, tuple) else y  # HF attention returns (out, weights)
+            out[name] = y.detach().to(torch.float64).numpy()
+        return hook
+
+    hooks = [body.embed_tokens.register_forward_hook(keep("embedding"))]
+    for i, layer in enumerate(body.layers):
+        for sub in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+            hooks.append(getattr(layer, sub).register_forward_hook(keep(f"layer {i} {sub}")))
+    hooks.append(body.norm.register_forward_hook(keep("final norm")))
+    try:
+        with torch.no_grad():
+            result = forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, result
+
+
 def torch_activations(cfg: ExperimentConfig, weights: Arrays, tokens_bt: np.ndarray,
                       dtype: str) -> dict[str, np.ndarray]:
     """Activations of ``torchlm``'s model (forward hooks) in ``fp32``, ``bf16`` or
@@ -128,26 +157,8 @@ def torch_activations(cfg: ExperimentConfig, weights: Arrays, tokens_bt: np.ndar
     model = tapi.build_model(cfg.model, dict(weights), "bf16" if dtype == "bf16" else "fp32")
     if dtype == "fp64":
         model = model.double()
-    body = model.model
-    out: dict[str, np.ndarray] = {}
-    hooks = []
-
-    def keep(name: str) -> Callable[..., None]:
-        def hook(_mod: Any, _inp: Any, y: Any) -> None:
-            out[name] = y.detach().to(torch.float64).numpy()
-        return hook
-
-    hooks.append(body.embed_tokens.register_forward_hook(keep("embedding")))
-    for i, layer in enumerate(body.layers):
-        for sub in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
-            hooks.append(getattr(layer, sub).register_forward_hook(keep(f"layer {i} {sub}")))
-    hooks.append(body.norm.register_forward_hook(keep("final norm")))
-    try:
-        with torch.no_grad():
-            logits = model(torch.from_numpy(np.asarray(tokens_bt, np.int64)))
-    finally:
-        for h in hooks:
-            h.remove()
+    out, logits = _hooked_forward(
+        model.model, lambda: model(torch.from_numpy(np.asarray(tokens_bt, np.int64))))
     out["logits"] = logits.detach().to(torch.float64).numpy()
     return {k: out[k] for k in activation_names(cfg.model.num_hidden_layers)}
 
@@ -231,28 +242,8 @@ def hf_activations(cfg: ExperimentConfig, weights: Arrays, tokens_bt: np.ndarray
     model = tapi.hf_model(cfg.model, dict(weights))
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
-    body = model.model
-    out: dict[str, np.ndarray] = {}
-    hooks = []
-
-    def keep(name: str) -> Callable[..., None]:
-        def hook(_mod: Any, _inp: Any, y: Any) -> None:
-            y = y[0] if isinstance(y, tuple) else y
-            out[name] = y.detach().to(torch.float64).numpy()
-        return hook
-
-    hooks.append(body.embed_tokens.register_forward_hook(keep("embedding")))
-    for i, layer in enumerate(body.layers):
-        for sub in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
-            hooks.append(getattr(layer, sub).register_forward_hook(keep(f"layer {i} {sub}")))
-    hooks.append(body.norm.register_forward_hook(keep("final norm")))
-    try:
-        with torch.no_grad():
-            res = model(input_ids=torch.from_numpy(np.asarray(tokens_bt, np.int64)),
-                        use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    out, res = _hooked_forward(model.model, lambda: model(
+        input_ids=torch.from_numpy(np.asarray(tokens_bt, np.int64)), use_cache=False))
     out["logits"] = res.logits.detach().to(torch.float64).numpy()
     return {k: out[k] for k in activation_names(cfg.model.num_hidden_layers)}
 
