@@ -109,27 +109,51 @@ BF16_KEYS = (("loss at step 0 vs float64", "bf16.loss_step0"),
              ("batch fingerprint mismatches", "batch_fingerprint_mismatches"))
 
 
+def _curve_runs(runs: Mapping[str, RunData], precision: str, zero_stages: Sequence[int],
+                max_steps: int, info: list[dict]
+                ) -> tuple[RunData | None, dict[int, RunData | None], int,
+                           tuple[float | None, str, list[float]]]:
+    """The finished runs of one precision (JAX; DeepSpeed by stage of
+    :func:`floor_stages`), the steps every one of them has (at most ``max_steps``) and the
+    loss-curve floor over them (:func:`curve_floor`, also appended to ``info``)."""
+    jax = ok_run(runs, f"jax {precision}")
+    ds_runs = {s: ok_run(runs, run_label("torch", precision, s))
+               for s in floor_stages(zero_stages)}
+    n_all = [r.spec.steps for r in ds_runs.values() if r is not None]
+    n = min([max_steps, *n_all] + ([jax.spec.steps] if jax else []))
+    floor = curve_floor(ds_runs, n)
+    info.append({"name": f"{precision} loss-curve noise: largest DeepSpeed stage-to-stage RMS",
+                 "value": floor[0], "note": floor[1] or "needs two finished DeepSpeed stages"})
+    return jax, ds_runs, n, floor
+
+
+def _why_unjudged(jax: RunData | None, ds: RunData | None, precision: str, stage: int,
+                  floor: float | None, truth: Truth) -> str | None:
+    """Why one stage's checks of ``precision`` cannot be judged (None: they can)."""
+    if jax is None or ds is None:
+        return "run failed: " + ", ".join(
+            lbl for lbl, r in ((f"jax {precision}", jax),
+                               (run_label("torch", precision, stage), ds)) if r is None)
+    if not truth.grads:
+        return "no float64 truth"
+    if floor is None:
+        return "no stage-to-stage floor"
+    return None
+
+
 def fp32_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray], truth: Truth,
                 zero_stages: Sequence[int], optim: OptimConfig
                 ) -> tuple[list[C.Check], list[dict], list[dict]]:
     checks: list[C.Check] = []
     info: list[dict] = []
     pairs: list[dict] = []
-    jax = ok_run(runs, "jax fp32")
-    ds_runs = {s: ok_run(runs, run_label("torch", "fp32", s)) for s in floor_stages(zero_stages)}
-    n_all = [r.spec.steps for r in ds_runs.values() if r is not None]
-    n = min([L.FP32_LOSS_STEPS, *n_all] + ([jax.spec.steps] if jax else []))
-    floor, floor_name, floor_abs = curve_floor(ds_runs, n)
-    info.append({"name": "fp32 loss-curve noise: largest DeepSpeed stage-to-stage RMS",
-                 "value": floor, "note": floor_name or "needs two finished DeepSpeed stages"})
+    jax, ds_runs, n, (floor, floor_name, floor_abs) = _curve_runs(
+        runs, "fp32", zero_stages, L.FP32_LOSS_STEPS, info)
     for s in zero_stages:
         tag = f"fp32 zero{s}"
         ds = ds_runs.get(s)
-        if jax is None or ds is None or floor is None or not truth.grads:
-            why = ("run failed: " + ", ".join(
-                lbl for lbl, r in (("jax fp32", jax), (run_label("torch", "fp32", s), ds))
-                if r is None)) if (jax is None or ds is None) else (
-                "no float64 truth" if not truth.grads else "no stage-to-stage floor")
+        why = _why_unjudged(jax, ds, "fp32", s, floor, truth)
+        if why:
             checks += _missing(tag, FP32_KEYS, why)
             continue
         gj = J.judge_tensors(jax.grads0, ds.grads0, truth.grads, L.limit("fp32.grad").threshold)
@@ -174,13 +198,8 @@ def bf16_checks(runs: Mapping[str, RunData], truth: Truth, zero_stages: Sequence
     checks: list[C.Check] = []
     info: list[dict] = []
     pairs: list[dict] = []
-    jax = ok_run(runs, "jax bf16")
-    ds_runs = {s: ok_run(runs, run_label("torch", "bf16", s)) for s in floor_stages(zero_stages)}
-    n_all = [r.spec.steps for r in ds_runs.values() if r is not None]
-    n = min([L.BF16_STEPS, *n_all] + ([jax.spec.steps] if jax else []))
-    floor, floor_name, floor_abs = curve_floor(ds_runs, n)
-    info.append({"name": "bf16 loss-curve noise: largest DeepSpeed stage-to-stage RMS",
-                 "value": floor, "note": floor_name or "needs two finished DeepSpeed stages"})
+    jax, ds_runs, n, (floor, floor_name, floor_abs) = _curve_runs(
+        runs, "bf16", zero_stages, L.BF16_STEPS, info)
     # the step-0 stage-to-stage distance, shown to say why it is not the step-0 floor
     ok = [s for s, r in ds_runs.items() if r is not None]
     if len(ok) >= 2 and truth.grads:
@@ -194,11 +213,8 @@ def bf16_checks(runs: Mapping[str, RunData], truth: Truth, zero_stages: Sequence
     for s in zero_stages:
         tag = f"bf16 zero{s}"
         ds = ds_runs.get(s)
-        if jax is None or ds is None or floor is None or not truth.grads:
-            why = ("run failed: " + ", ".join(
-                lbl for lbl, r in (("jax bf16", jax), (run_label("torch", "bf16", s), ds))
-                if r is None)) if (jax is None or ds is None) else (
-                "no float64 truth" if not truth.grads else "no stage-to-stage floor")
+        why = _why_unjudged(jax, ds, "bf16", s, floor, truth)
+        if why:
             checks += _missing(tag, BF16_KEYS, why)
             continue
         lj, ld = jax.series("loss", n), ds.series("loss", n)
