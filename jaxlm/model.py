@@ -72,7 +72,17 @@ class RMSNorm(nnx.Module):
         x32_btd = x_btd.astype(jnp.float32)
         var_bt1 = jnp.mean(x32_btd * x32_btd, axis=-1, keepdims=True)
         y_btd = x32_btd * jax.lax.rsqrt(var_bt1 + self.eps)
-        return self.scale[...].astype(self.dtype) * y_btd.astype(x_btd.dtype)
+        scale_d = self.scale[...].astype(self.dtype)
+        y_btd = y_btd.astype(x_btd.dtype)
+        if jnp.dtype(scale_d.dtype).itemsize >= 4 and jnp.dtype(y_btd.dtype).itemsize >= 4:
+            return scale_d * y_btd
+        # Low precision: the product of two bf16 (or fp16) numbers is exact in fp32, so
+        # rounding it once gives torch's bf16 product bit for bit; what the fp32 multiply
+        # changes is the backward: the scale's gradient, a sum over every token of the
+        # micro-batch, is accumulated in fp32 and rounded once, as torch does, instead of
+        # being reduced in bf16 (XLA on CPU adds bf16 reductions in bf16).
+        out_dtype = jnp.result_type(scale_d.dtype, y_btd.dtype)
+        return (scale_d.astype(jnp.float32) * y_btd.astype(jnp.float32)).astype(out_dtype)
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, dtype: Any
