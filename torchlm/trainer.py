@@ -465,6 +465,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU comm backend compiles its shared-memory all-reduce (a C++
+        # extension: ~35 s on 2 cores on every fresh install) when it starts, for
+        # inference_all_reduce only; training's collectives go through gloo. Marking the
+        # op incompatible skips the build (deepspeed.ops caches this dict so that edits
+        # to it persist).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                verbose=False)
     try:
