@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm import step as _step
 from jaxlm import tuning
 from jaxlm.model import Llama, compute_dtype
-from jaxlm.step import accumulate_grads, make_loss_fn
 from jaxlm.weights import hf_to_params, params_to_hf
 from lmspec.config import ExperimentConfig
 
@@ -102,12 +102,13 @@ def loss_and_grads(cfg: ExperimentConfig, weights: dict[str, np.ndarray],
         )
     graphdef = _graphdef(cfg, precision, windows.shape[0] // num_micro)
     params = _device_params(cfg, weights)
-    loss_fn = make_loss_fn(graphdef, precision)
+    # looked up on the module at call time: the trainer's own step functions
+    loss_fn = _step.make_loss_fn(graphdef, precision)
     w_mbt1 = windows.reshape(num_micro, windows.shape[0] // num_micro, windows.shape[1])
 
     @jax.jit
     def run(params: dict, w_mbt1: jax.Array) -> tuple[jax.Array, dict]:
-        return accumulate_grads(loss_fn, params, w_mbt1)
+        return _step.accumulate_grads(loss_fn, params, w_mbt1)
 
     with matmul_precision(precision):
         loss, grads = run(params, jnp.asarray(w_mbt1, jnp.int32))

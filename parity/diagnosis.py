@@ -34,10 +34,12 @@ def _margin_of(c: Mapping[str, Any]) -> float:
 
 def diagnose(cfg: ExperimentConfig, weights: Mapping[str, np.ndarray], batch: np.ndarray,
              runs: Mapping[str, RunData], checks: Sequence[C.Check],
-             g64: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+             g64: Mapping[str, np.ndarray] | None = None, truth: Any = None
+             ) -> dict[str, Any]:
     """The diagnosis phase (see the module docstring). ``batch`` is step 0's global batch
-    (B, T+1); ``g64`` its float64 gradient when already computed. Never raises: a failure
-    of the diagnosis itself is reported in ``error``."""
+    (B, T+1); ``g64`` its float64 gradient when already computed; ``truth`` the
+    localisation's :class:`parity.localize.Truth` of it when the probes made one. Never
+    raises: a failure of the diagnosis itself is reported in ``error``."""
     failing = [c for c in checks if not c.passed]
     out: dict[str, Any] = {"failing": len(failing), "info": []}
     if not failing:
@@ -53,7 +55,7 @@ def diagnose(cfg: ExperimentConfig, weights: Mapping[str, np.ndarray], batch: np
         loc = None
     try:
         if loc is not None:
-            found = loc.diagnose(cfg, weights, batch, runs, checks)
+            found = loc.diagnose(cfg, weights, batch, runs, checks, truth)
             if found and found.get("category") is None:
                 # nothing over its noise at step 0: the failing check stays the headline
                 found = {k: v for k, v in found.items() if k != "headline"} | {

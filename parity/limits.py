@@ -88,6 +88,17 @@ BF16_GRAD_MULTIPLE = 4.0
 BF16_CURVE_MULTIPLE = 8.0
 # JAX bf16 really bf16: clean ratio 0.97-1.01; a bf16 run done in fp32 sits ~1e-4 [0.41]
 BF16_IS_BF16_MIN = 0.4
+# bf16 activations layer by layer (parity.probes): JAX bf16 <-> torch bf16 within
+# m x (Hugging Face bf16 <-> torch bf16, two faithful bf16 implementations) + a fraction
+# of torch bf16's distance from float64 (where the two faithful ones round identically,
+# e.g. the embedding rows, the floor is 0). Clean tiny seed 0: 0.31 of the limit.
+BF16_ACT_MULTIPLE = 3.0
+BF16_ACT_SCALE_FRACTION = 0.25
+# bf16 accumulation (parity.probes): median over tensors of JAX's gradient change from
+# 1 to 64 micro-steps over torch's (fp32 accumulation, as DeepSpeed is configured).
+# Clean ratio ~1.1-1.2 (tiny seed 0: 1.11); a bf16 accumulator grows with the micro-step
+# count (planted: 4.5). 2.5 keeps 2x over the clean ratio.
+BF16_ACCUM_MULTIPLE = 2.5
 
 LIMITS: dict[str, Limit] = {
     lim.key: lim
@@ -116,6 +127,12 @@ LIMITS: dict[str, Limit] = {
         Limit("bf16.is_bf16", BF16_IS_BF16_MIN, ">=",
               "bf16 step-0 gradient, all tensors: ||g_jax16 - g64|| / ||g_ds16 - g64|| "
               "(a bf16 run done in higher precision sits far below)", True),
+        Limit("bf16.activations", BF16_ACT_MULTIPLE, "<=",
+              "bf16 step-0 activations per layer: ||jax - torch|| <= m * ||hf - torch|| + "
+              f"{BF16_ACT_SCALE_FRACTION} * ||torch - float64|| (relative), worst point", True),
+        Limit("bf16.accum", BF16_ACCUM_MULTIPLE, "<=",
+              "bf16 gradient change from 1 to 64 micro-steps, jax / torch with fp32 "
+              "accumulation, median tensor", True),
         Limit("bf16.curve", BF16_CURVE_MULTIPLE, "<=",
               f"RMS|loss_jax - loss_ds| over {BF16_STEPS} steps <= m * the largest RMS "
               "distance between two DeepSpeed bf16 stages", True),

@@ -44,6 +44,7 @@ import numpy as np
 from lmspec.config import ExperimentConfig, OptimConfig
 from lmspec.schedule import lr_at
 from lmspec.weights import decays, param_shapes
+from parity import limits as L
 
 # A JAX activation is over when rel_err(jax, f64) > FWD_MULTIPLE * rel_err(torch32, f64)
 # + FWD_ABS. Measured clean (tiny seeds 0-9 and the odd shape, in process): JAX's
@@ -68,14 +69,8 @@ OPT_ABS = 1e-5
 # JAX vs DeepSpeed fp32 stays below 1e-6 over 20 steps (issue 9: ~1e-7).
 LATER_LOSS_REL = 2e-5
 # bf16: JAX bf16 <-> torch bf16 against the distance of two faithful bf16
-# implementations (Hugging Face vs torchlm in process; two DeepSpeed stages where run),
-# plus a fraction of the quantity's bf16 scale (torch bf16 <-> float64) where both
-# faithful implementations happen to round identically.
-# Clean tiny seed 0, ZeRO-1, 4 micro-steps: JAX bf16 is as far from torchlm bf16 as
-# Hugging Face bf16 is (activations at 0.31 of the limit, the loss at 0.55, the worst
-# gradient at 0.57).
-BF16_MULTIPLE = 3.0
-BF16_SCALE_FRACTION = 0.25
+# implementations: parity.limits.BF16_ACT_MULTIPLE and BF16_ACT_SCALE_FRACTION (the
+# same rule as the bf16 activations check, used here for the loss and gradients too).
 # The bf16 loss curve is judged over the first steps only, before two faithful bf16 runs
 # drift apart (issue 9: the gap/floor of clean runs swings over 50 chaotic steps); clean
 # tiny seed 0 sat at 0.125 of the bf16 scale over 10 steps (0.5 of the limit), the
@@ -581,10 +576,11 @@ def later_divergence(j: Any, ds_runs: Sequence[Any], optim: OptimConfig
 
 
 def bf16_row(name: str, err: float, floor: float, scale: float) -> Row:
-    """bf16: JAX's distance to the reference against ``BF16_MULTIPLE`` x the floor (two
-    faithful bf16 implementations apart) plus ``BF16_SCALE_FRACTION`` x the quantity's
-    bf16 scale (the reference's distance from float64)."""
-    return Row(name, err, floor, BF16_MULTIPLE * floor + BF16_SCALE_FRACTION * scale)
+    """bf16: JAX's distance to the reference against ``BF16_ACT_MULTIPLE`` x the floor
+    (two faithful bf16 implementations apart) plus ``BF16_ACT_SCALE_FRACTION`` x the
+    quantity's bf16 scale (the reference's distance from float64)."""
+    return Row(name, err, floor,
+               L.BF16_ACT_MULTIPLE * floor + L.BF16_ACT_SCALE_FRACTION * scale)
 
 
 def bf16_forward_rows(truth: Mapping[str, Any], names: Sequence[str]) -> list[Row]:
@@ -595,8 +591,17 @@ def bf16_forward_rows(truth: Mapping[str, Any], names: Sequence[str]) -> list[Ro
             for n in names]
 
 
+def _get(c: Any, field: str) -> Any:
+    return c.get(field) if isinstance(c, Mapping) else getattr(c, field, None)
+
+
+def _failed_check(checks: Sequence[Any], key: str) -> Any:
+    return next((c for c in checks if _get(c, "key") == key and not _get(c, "passed")), None)
+
+
 def bf16_ladder(cfg: ExperimentConfig, weights: Arrays, batch: np.ndarray,
-                runs: Mapping[str, Any], truth: dict[str, Any]) -> dict[str, Any] | None:
+                runs: Mapping[str, Any], truth: dict[str, Any], checks: Sequence[Any] = ()
+                ) -> dict[str, Any] | None:
     """The first bf16 quantity (data, forward activations, step-0 loss, gradients) where
     JAX bf16 is further from the reference bf16 than two faithful bf16 implementations
     are from each other (see :func:`bf16_row`)."""
@@ -625,6 +630,16 @@ def bf16_ladder(cfg: ExperimentConfig, weights: Arrays, batch: np.ndarray,
         return _finding("bf16:loss", "first divergence (bf16): " + _fmt_row(
             f"step-0 loss {lj:.6g} vs deepspeed bf16 {ds_l[0]:.6g} (forward within its "
             "floor)", lrow, "floor"), rows=[lrow.to_dict()])
+    acc = _failed_check(checks, "bf16.accum")
+    if acc is not None:
+        dt = _get(acc, "detail") or {}
+        return _finding("bf16:gradients", (
+            f"first divergence (bf16): gradient accumulation: over {dt.get('micro_steps')} "
+            f"micro-steps JAX's bf16 gradient moves {_g(_get(acc, 'value'))}x as far as "
+            "torch's with fp32 accumulation (median tensor; limit "
+            f"{_g(_get(acc, 'limit'))}; worst {dt.get('worst_tensor')} "
+            f"{_g(dt.get('worst_ratio', math.nan))}x): micro-step gradients summed in "
+            "bf16? (forward and step-0 loss within their floors)"), **dt)
     g64, names = truth["grads64"], _model_order(cfg)
     d = ds_runs[0]
     if j.grads0 is not None and d.grads0 is not None:
@@ -659,8 +674,8 @@ def _losses(run: Any, n: int) -> list[float]:
 
 def bf16_curve(j: Any, ds16: Sequence[Any], ds32: Sequence[Any]) -> dict[str, Any] | None:
     """Step 0 within its floors: the bf16 loss curve over the first ``BF16_CURVE_STEPS``
-    steps, RMS |jax bf16 - deepspeed bf16| against BF16_MULTIPLE x the RMS gap between
-    two DeepSpeed bf16 stages (where run) plus BF16_SCALE_FRACTION x the bf16 scale, the
+    steps, RMS |jax bf16 - deepspeed bf16| against BF16_ACT_MULTIPLE x the RMS gap
+    between two DeepSpeed bf16 stages (where run) plus BF16_ACT_SCALE_FRACTION x the bf16 scale, the
     RMS gap between DeepSpeed bf16 and fp32 of the same stage."""
     pairs = [(d, next((f for f in ds32 if f.spec.zero_stage == d.spec.zero_stage), None))
              for d in ds16]
@@ -740,24 +755,26 @@ def compute_truth(cfg: ExperimentConfig, weights: Arrays, batch: np.ndarray,
 
 
 def diagnose(cfg: ExperimentConfig, weights: Arrays, batch: np.ndarray,
-             runs: Mapping[str, Any], checks: Sequence[Any]) -> dict[str, Any]:
+             runs: Mapping[str, Any], checks: Sequence[Any], truth: Truth | None = None
+             ) -> dict[str, Any]:
     """Where the JAX side first leaves its noise (see the module docstring).
 
     Args: the run's config, the initial HF-named weights, the step-0 global batch
     (G, T+1), the harness's runs by label (objects with ``spec``, ``metrics``,
     ``grads0``, ``params0``, ``error``) and its checks (dicts or objects with
-    ``passed``). Returns ``{"headline", "category", ...}``; ``category`` is None when
-    nothing is over its noise."""
+    ``passed``); ``truth`` a :class:`Truth` of ``batch`` already (partly) computed.
+    Returns ``{"headline", "category", ...}``; ``category`` is None when nothing is over
+    its noise."""
     precisions = sorted({r.spec.precision for r in runs.values()
                          if getattr(r, "error", None) is None})
     failed = [c for c in checks if not (c["passed"] if isinstance(c, Mapping) else c.passed)]
-    truth = Truth(cfg, weights, batch)
+    truth = truth if truth is not None else Truth(cfg, weights, batch)
     found = None
     try:
         if "fp32" in precisions:
             found = fp32_ladder(cfg, weights, batch, runs, truth)
         if found is None and "bf16" in precisions:
-            found = bf16_ladder(cfg, weights, batch, runs, truth)
+            found = bf16_ladder(cfg, weights, batch, runs, truth, checks)
     except Exception as e:  # noqa: BLE001 - a diagnosis must never sink the run
         return {"headline": f"diagnosis failed: {type(e).__name__}: {e}", "category": None}
     summary = {k: [r.to_dict() for r in dict.get(truth, k)] for k in (

@@ -149,6 +149,23 @@ def phase_truth(cfg: ExperimentConfig, init: dict, batch: np.ndarray,
         return Truth()
 
 
+def phase_probes(cfg: ExperimentConfig, init: dict, batch0: np.ndarray, ds: Any,
+                 errors: list[str]) -> tuple[list[C.Check], Any]:
+    """The in-process bf16 probes (:mod:`parity.probes`): their checks (failed when the
+    probes fail, with an error) and the localisation truth they computed."""
+    from parity import localize
+    from parity.probes import bf16_probe_checks, failed_probe_checks
+
+    truth = localize.Truth(cfg, init, batch0)
+    try:
+        checks, _ = bf16_probe_checks(cfg, init, batch0, ds, truth)
+        return checks, truth
+    except Exception as e:  # noqa: BLE001 - recorded, fails the run
+        errors.append(f"bf16 probes failed: {type(e).__name__}: {e}")
+        log(f"  FAILED: {type(e).__name__}: {e}")
+        return failed_probe_checks(f"{type(e).__name__}: {e}"), None
+
+
 def phase_reuse(plan: list[RunSpec], errors: list[str]) -> dict[str, RunData]:
     """``--reuse-runs``: read the runs an earlier ``parity run`` left under the same out."""
     runs: dict[str, RunData] = {}
@@ -191,7 +208,8 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
     on_gpu = gpu_available()
     jax_devices = None if on_gpu else (opts.jax_devices or cfg.zero.world_size)
     plan = plan_runs(out, opts.zero_stages, opts.precisions, opts.steps_fp32, opts.steps_bf16)
-    ph = _Phases(7 + (0 if opts.reuse_runs else len(plan)))
+    probes = opts.forward and "bf16" in opts.precisions
+    ph = _Phases(7 + probes + (0 if opts.reuse_runs else len(plan)))
 
     t0 = ph.begin(f"data: token cache of {cfg.data.source!r} ({cfg.data.tokenizer})")
     ds = Dataset.from_config(cfg)
@@ -231,6 +249,17 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
     elif opts.forward:
         checks += forward_failed_checks(opts, errors[-1] if errors else "forward failed")
 
+    loc_truth = None
+    if probes:
+        t0 = ph.begin("probes: bf16 activations layer by layer and gradient accumulation "
+                      "(in process)")
+        pchecks, loc_truth = phase_probes(cfg, init, batch0, ds, errors)
+        checks += pchecks
+        for c in pchecks:
+            log(f"  {c.name}: {c.value:.3e} (limit {c.limit:.3e}, "
+                f"{'pass' if c.passed else 'FAIL'})")
+        ph.end(t0)
+
     if opts.reuse_runs:
         runs = phase_reuse(plan, errors)
     else:
@@ -244,7 +273,7 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
     ph.end(t0, f"{sum(c.passed for c in checks)}/{len(checks)} passed")
 
     t0 = ph.begin("diagnosis")
-    diagnosis = diagnose(cfg, init, batch0, runs, checks, truth.grads or None)
+    diagnosis = diagnose(cfg, init, batch0, runs, checks, truth.grads or None, loc_truth)
     ph.end(t0, diagnosis.get("headline", "nothing to diagnose"))
 
     t0 = ph.begin("reports")

@@ -45,24 +45,9 @@ def _forward(cfg, w, windows, precision="fp32"):
 
 
 def _loss_grads(cfg, w, windows, precision="fp32", num_micro=4):
-    """jaxlm.api.loss_and_grads, but looking the step functions up at call time (the
-    overlay plants before jaxlm.api binds them; here they are planted afterwards)."""
-    import jax
-    import jax.numpy as jnp
+    from jaxlm import api  # looks jaxlm.step's functions up at call time: plants are seen
 
-    from jaxlm import api
-    from jaxlm import step as S
-
-    graphdef = api._graphdef(cfg, precision, windows.shape[0] // num_micro)
-    params = api._device_params(cfg, w)
-    loss_fn = S.make_loss_fn(graphdef, precision)
-    w_mbt1 = jnp.asarray(windows.reshape(num_micro, -1, windows.shape[1]), jnp.int32)
-    with api.matmul_precision(precision):
-        loss, grads = jax.jit(lambda p, x: S.accumulate_grads(loss_fn, p, x))(params, w_mbt1)
-    from jaxlm.weights import params_to_hf
-
-    return float(loss), params_to_hf(jax.tree.map(np.asarray, grads), cfg.model,
-                                     cfg.train.scan_layers)
+    return api.loss_and_grads(cfg, w, windows, precision, num_micro)
 
 
 def _opt_updates(cfg, w, steps=2):
