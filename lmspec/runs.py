@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import resource
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -144,18 +143,21 @@ def run_summary(*, side: str, cfg: ExperimentConfig, step_times: Sequence[float]
     """The ``run_summary.json`` record.
 
     ``step_times`` are the seconds of each step this process ran (resumed runs: only
-    those); the first ``train.warmup_steps_excluded`` are left out of ``tokens_per_s``
-    (per device, mean over steps), ``tokens_per_s_total`` and ``step_time_s`` (median),
-    unless no step would be left. ``peak_memory_bytes`` is the largest process's peak
-    (device memory on accelerators, resident set on CPU); ``peak_memory_per_device_bytes``
-    the largest device's (None where the framework cannot tell). ``extra`` fields are
-    appended (e.g. ``compile_s``, ``zero_stage``, ``mesh``).
+    those); the first ``train.warmup_steps_excluded`` are left out unless no step would
+    be left. ``tokens_per_s`` (per device) and ``tokens_per_s_total`` are the tokens of
+    the timed steps over their total time, ``step_time_s`` their mean: a mean of per-step
+    rates would let one short step (a timer read one step late) inflate the figure.
+    ``peak_memory_bytes`` is the largest process's peak (device memory on accelerators,
+    resident set on CPU); ``peak_memory_per_device_bytes`` the largest device's (None
+    where the framework cannot tell). ``extra`` fields are appended (e.g. ``compile_s``,
+    ``zero_stage``, ``mesh``).
     """
     t = cfg.train
     kept = list(step_times[t.warmup_steps_excluded:]) or list(step_times)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
-    tps = (statistics.fmean(tokens_per_step / s for s in kept) / num_devices
-           if kept and all(s > 0 for s in kept) else None)
+    total_s = math.fsum(kept)
+    tps = (tokens_per_step * len(kept) / total_s / num_devices
+           if kept and total_s > 0 and all(s >= 0 for s in kept) else None)
     summary: dict[str, Any] = {
         "side": side,
         "precision": t.precision,
@@ -167,7 +169,7 @@ def run_summary(*, side: str, cfg: ExperimentConfig, step_times: Sequence[float]
         "num_micro_batches": num_micro_batches,
         "tokens_per_s": tps,
         "tokens_per_s_total": tps * num_devices if tps is not None else None,
-        "step_time_s": statistics.median(kept) if kept else None,
+        "step_time_s": total_s / len(kept) if kept else None,
         "mfu": flops.mfu(tps, cfg.model, cfg.data.seq_len, device_kind)
         if tps is not None else None,
         "startup_s": startup_s if startup_s is None or math.isfinite(startup_s) else None,

@@ -326,8 +326,9 @@ def test_runs_flags_summary_and_versions(tmp_path) -> None:
                          peak_memory_per_device_bytes=None, startup_s=1.5, final_loss=2.0,
                          versions={"python": "3"}, compile_s=4.0)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    # warm-up steps (2 in tiny) are left out: mean of tokens/s over the steps 1 s and 3 s
-    assert s["tokens_per_s"] == pytest.approx((tokens / 1 + tokens / 3) / 2 / 2)
+    # warm-up steps (2 in tiny) are left out: 2 steps' tokens over their 4 s, per device
+    # (not the mean of per-step rates, (t/1 + t/3) / 2, which the short step inflates)
+    assert s["tokens_per_s"] == pytest.approx(2 * tokens / 4.0 / 2)
     assert s["step_time_s"] == 2.0 and s["compile_s"] == 4.0 and s["mfu"] is None
     path = runs.write_run_summary(tmp_path, s)
     assert json.loads(path.read_text())["tokens_per_s_total"] == pytest.approx(
