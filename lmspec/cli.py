@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lmspec.config import ConfigError, ExperimentConfig, load_config
+from lmspec.errors import UserError
 
 EXIT_USAGE = 2
 
@@ -52,10 +53,6 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, args.overrides)
-
-
-class UserError(Exception):
-    """Bad input detected by a command; printed without a traceback."""
 
 
 def run(main: Callable[[Sequence[str] | None], int | None],

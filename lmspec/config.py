@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 
+from lmspec.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A user mistake in a config file or override; the message names the key."""
 
 
