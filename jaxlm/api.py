@@ -114,3 +114,37 @@ def loss_and_grads(cfg: ExperimentConfig, weights: dict[str, np.ndarray],
         loss, grads = run(params, jnp.asarray(w_mbt1, jnp.int32))
     grads_np = jax.tree.map(lambda g: np.asarray(g, np.float32), grads)
     return float(loss), params_to_hf(grads_np, cfg.model, cfg.train.scan_layers)
+
+
+def loss_on_logits(cfg: ExperimentConfig, weights: dict[str, np.ndarray],
+                   windows: np.ndarray, logits: np.ndarray, precision: str
+                   ) -> tuple[float, np.ndarray]:
+    """The trainer's loss (``jaxlm.step.make_loss_fn``, looked up at call time) of
+    ``windows`` (B, T+1) with the model's logits replaced by ``logits`` (B, T, V), and its
+    gradient with respect to those logits (fp32): the loss function alone, on inputs
+    another implementation can be given too."""
+    windows = np.asarray(windows)
+    _check_tokens(windows, cfg, "windows")
+    b, t1 = windows.shape
+    if np.shape(logits) != (b, t1 - 1, cfg.model.vocab_size):
+        raise ValueError(f"logits: expected shape {(b, t1 - 1, cfg.model.vocab_size)}, "
+                         f"got {np.shape(logits)}")
+    graphdef = _graphdef(cfg, precision, b)
+    params = _device_params(cfg, weights)
+    loss_fn = _step.make_loss_fn(graphdef, precision)
+    fixed = jnp.asarray(logits, jnp.float32)  # the dtype Llama returns its logits in
+    num_tokens = jnp.asarray(b * (t1 - 1), jnp.float32)
+    orig = Llama.__call__
+
+    def loss_of(delta: jax.Array) -> jax.Array:
+        def call(self: Any, tokens_bt: jax.Array) -> jax.Array:
+            return fixed + delta
+
+        Llama.__call__ = call  # for the duration of this trace only
+        try:
+            return loss_fn(params, jnp.asarray(windows, jnp.int32), num_tokens)
+        finally:
+            Llama.__call__ = orig
+
+    loss, grad = jax.value_and_grad(loss_of)(jnp.zeros_like(fixed))
+    return float(loss), np.asarray(grad, np.float32)

@@ -99,6 +99,11 @@ BF16_ACT_SCALE_FRACTION = 0.25
 # Clean ratio ~1.1-1.2 (tiny seed 0: 1.11); a bf16 accumulator grows with the micro-step
 # count (planted: 4.5). 2.5 keeps 2x over the clean ratio.
 BF16_ACCUM_MULTIPLE = 2.5
+# bf16 loss function (parity.probes): each side's loss on the same logits (torch bf16's)
+# is an fp32 computation, so the fp32 rule: d loss / d logits within m x torch's distance
+# from float64 + the fp32 rounding floor. Clean ratio ~1 (two fp32 log-softmaxes); a
+# log-softmax in bf16 sits ~1e4x above.
+BF16_LOSS_FN_MULTIPLE = 4.0
 
 LIMITS: dict[str, Limit] = {
     lim.key: lim
@@ -133,6 +138,9 @@ LIMITS: dict[str, Limit] = {
         Limit("bf16.accum", BF16_ACCUM_MULTIPLE, "<=",
               "bf16 gradient change from 1 to 64 micro-steps, jax / torch with fp32 "
               "accumulation, median tensor", True),
+        Limit("bf16.loss_fn", BF16_LOSS_FN_MULTIPLE, "<=",
+              "loss function on torch bf16's logits: ||dL/dlogits - float64|| <= m * "
+              "torch's + fp32 rounding floor", True),
         Limit("bf16.curve", BF16_CURVE_MULTIPLE, "<=",
               f"RMS|loss_jax - loss_ds| over {BF16_STEPS} steps <= m * the largest RMS "
               "distance between two DeepSpeed bf16 stages", True),

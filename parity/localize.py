@@ -630,6 +630,13 @@ def bf16_ladder(cfg: ExperimentConfig, weights: Arrays, batch: np.ndarray,
         return _finding("bf16:loss", "first divergence (bf16): " + _fmt_row(
             f"step-0 loss {lj:.6g} vs deepspeed bf16 {ds_l[0]:.6g} (forward within its "
             "floor)", lrow, "floor"), rows=[lrow.to_dict()])
+    lfn = _failed_check(checks, "bf16.loss_fn")
+    if lfn is not None:
+        return _finding("bf16:loss", (
+            "first divergence (bf16): the loss function: on torch bf16's logits JAX's d loss"
+            f" / d logits is {_g(_get(lfn, 'value'))} from float64 (limit "
+            f"{_g(_get(lfn, 'limit'))}, torch's {_g(_get(lfn, 'noise'))}): log-softmax "
+            "or loss reduction not in fp32? (forward within its floor)"))
     acc = _failed_check(checks, "bf16.accum")
     if acc is not None:
         dt = _get(acc, "detail") or {}

@@ -15,6 +15,12 @@ two faithful bf16 implementations, on the same inputs, in this process:
   (Hugging Face's and torchlm's) at that point, plus a fraction of torch bf16's distance
   from float64 (where the two happen to round identically). The first layers are where a
   policy difference is not yet buried under every earlier rounding.
+- **loss function** (``bf16.loss_fn``): each side's loss function alone, on the same
+  input: torch bf16's logits of the step-0 batch. JAX's d loss / d logits (the trainer's
+  loss function with the model's logits replaced, ``jaxlm.api.loss_on_logits``) against
+  float64, within a multiple of torchlm's distance plus the fp32 rounding floor (the
+  loss is an fp32 computation on both sides: a log-softmax in bf16 is ~1e4x over);
+  Hugging Face's ``ForCausalLMLoss`` is recorded beside it as a second reference.
 - **accumulation** (``bf16.accum``): how much the bf16 gradient of one batch changes when
   it is summed over many micro-steps instead of computed in one. Each side computes
   ``PROBE_ROWS`` windows as one micro-batch and as ``PROBE_ROWS`` micro-batches of one row
@@ -42,6 +48,8 @@ from parity import limits as L
 
 PROBE_ROWS = 64  # windows of the accumulation probe: 64 micro-steps against one
 PROBE_TOKENS = 32  # tokens per window (the policy does not depend on the length)
+LOSS_FN_CHECK = ("bf16 loss function: d loss / d logits on torch bf16's logits vs "
+                 "float64")
 
 
 def probe_windows(cfg: ExperimentConfig, ds: Any) -> np.ndarray:
@@ -90,6 +98,49 @@ def judge_accumulation(ratios: Mapping[str, float]) -> J.Judged:
                             "worst_tensor": worst, "worst_ratio": float(ratios[worst])})
 
 
+def loss_fn_gradients(cfg: ExperimentConfig, weights: Mapping[str, np.ndarray],
+                      windows: np.ndarray) -> dict[str, np.ndarray]:
+    """d loss / d logits of ``windows`` (B, T+1) on the same logits, torch bf16's forward
+    of the windows: ``jax`` (the trainer's loss function, ``jaxlm.api.loss_on_logits``),
+    ``torch`` (torchlm's ``token_loss``), ``hf`` (Hugging Face's ``ForCausalLMLoss``), each
+    in fp32, and ``f64`` (torchlm's loss in float64)."""
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from jaxlm import api as japi
+    from torchlm import api as tapi
+    from torchlm.model import token_loss
+
+    w = torch.from_numpy(np.asarray(windows, np.int64))
+    tapi.configure_torch()
+    model = tapi.build_model(cfg.model, dict(weights), "bf16")
+    with torch.no_grad():
+        logits16 = model(w[:, :-1])
+    targets = w[:, 1:]
+    out = {}
+    for name, dtype, loss in (
+            ("torch", torch.float32, lambda x: token_loss(x, targets)),
+            ("f64", torch.float64, lambda x: token_loss(x, targets)),
+            ("hf", torch.float32, lambda x: ForCausalLMLoss(
+                x, None, cfg.model.vocab_size, shift_labels=targets.contiguous()))):
+        x = logits16.detach().to(dtype).clone().requires_grad_(True)  # a fresh leaf
+        with torch.enable_grad():
+            loss(x).backward()
+        out[name] = x.grad.detach().to(torch.float64).numpy()
+    _, out["jax"] = japi.loss_on_logits(cfg, dict(weights), np.asarray(windows),
+                                         logits16.float().numpy(), "bf16")
+    return out
+
+
+def judge_loss_fn(grads: Mapping[str, np.ndarray]) -> J.Judged:
+    j = J.judge_tensor(grads["jax"], grads["torch"], grads["f64"],
+                       L.limit("bf16.loss_fn").threshold)
+    hf = J.judge_tensor(grads["hf"], grads["torch"], grads["f64"],
+                        L.limit("bf16.loss_fn").threshold)
+    j.detail["hugging_face_vs_float64"] = hf.value
+    return j
+
+
 def judge_activations(rows: list[Any]) -> J.Judged:
     """The activation (a :class:`parity.localize.Row`) with the largest err / limit."""
     worst = max(rows, key=lambda r: J.safe_margin(r.err, r.limit))
@@ -110,12 +161,15 @@ def bf16_probe_checks(cfg: ExperimentConfig, weights: Mapping[str, np.ndarray],
     rows = Z.bf16_forward_rows(truth, Z.activation_names(cfg.model.num_hidden_layers))
     truth["rows_forward_bf16"] = rows
     act = judge_activations(rows)
+    lfn = judge_loss_fn(loss_fn_gradients(cfg, weights, batch0))
     ratios = accumulation_ratios(cfg, weights, probe_windows(cfg, ds))
     acc = judge_accumulation(ratios)
     checks = [
         C.judged_check("bf16 forward: activations layer by layer vs torch bf16 (worst point)",
                        "bf16.activations", act,
                        noise_from="Hugging Face bf16 vs torch bf16 at that point"),
+        C.judged_check(LOSS_FN_CHECK, "bf16.loss_fn", lfn,
+                       noise_from="torch's loss on the same logits vs float64"),
         C.judged_check(f"bf16 accumulation: gradient change over {PROBE_ROWS} micro-steps, "
                        "jax / torch (median tensor)", "bf16.accum", acc,
                        noise_from="torch bf16 with fp32 accumulation (DeepSpeed's "
@@ -127,5 +181,6 @@ def bf16_probe_checks(cfg: ExperimentConfig, weights: Mapping[str, np.ndarray],
 def failed_probe_checks(why: str) -> list[C.Check]:
     return [C.nan_check("bf16 forward: activations layer by layer vs torch bf16 (worst point)",
                         "bf16.activations", why),
+            C.nan_check(LOSS_FN_CHECK, "bf16.loss_fn", why),
             C.nan_check(f"bf16 accumulation: gradient change over {PROBE_ROWS} micro-steps, "
                         "jax / torch (median tensor)", "bf16.accum", why)]

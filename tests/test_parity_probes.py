@@ -1,6 +1,7 @@
 """The in-process bf16 probes (parity.probes) on a small model: a faithful JAX port
-passes both, a bf16 gradient accumulator fails the accumulation probe, RMSNorm
-statistics in bf16 fail the activation probe (each plant from tests/plants/)."""
+passes all three, a bf16 gradient accumulator fails the accumulation probe, RMSNorm
+statistics in bf16 fail the activation probe, a log-softmax in bf16 fails the loss
+function probe (each plant from tests/plants/)."""
 
 from __future__ import annotations
 
@@ -43,11 +44,19 @@ def _activations(cfg, w, windows):
     return P.judge_activations(Z.bf16_forward_rows(truth, Z.activation_names(2)))
 
 
-def test_faithful_port_passes_both_probes(small):
+def _loss_fn(cfg, w, windows):
+    return P.judge_loss_fn(P.loss_fn_gradients(cfg, w, windows[:8]))
+
+
+def test_faithful_port_passes_every_probe(small):
     cfg, w, windows = small
-    acc, act = _accum(cfg, w, windows), _activations(cfg, w, windows)
+    acc, act, lfn = _accum(cfg, w, windows), _activations(cfg, w, windows), _loss_fn(
+        cfg, w, windows)
     assert acc.passed, acc
     assert act.passed, act
+    assert lfn.passed, lfn
+    # Hugging Face's loss, a second faithful fp32 implementation, is as close
+    assert lfn.detail["hugging_face_vs_float64"] <= lfn.limit
     assert acc.detail["tensors"] == len(w) and acc.detail["micro_steps"] == P.PROBE_ROWS
 
 
@@ -70,6 +79,17 @@ def test_norm_statistics_in_bf16_fail_the_activation_probe(small):
         undo()
     assert not act.passed, act
     assert act.detail["first_over"] == "layer 0 input_layernorm"
+
+
+def test_log_softmax_in_bf16_fails_the_loss_function_probe(small):
+    cfg, w, windows = small
+    undo = parity_plants.apply("bf16_softmax_loss")
+    try:
+        lfn = _loss_fn(cfg, w, windows)
+    finally:
+        undo()
+    assert not lfn.passed, lfn
+    assert lfn.margin > 100
 
 
 def test_probe_windows_take_consecutive_batches():
