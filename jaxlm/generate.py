@@ -83,8 +83,10 @@ def check_sampling(*, max_new_tokens: int, temperature: float) -> None:
 
 def sample(cfg: ExperimentConfig, params: dict, prompt_ids: list[int], *,
            max_new_tokens: int, temperature: float, seed: int,
-           eos_id: int | None = None) -> list[int]:
-    """Token ids after ``prompt_ids`` (fp32 forward)."""
+           eos_id: int | None = None, num_ids: int | None = None) -> list[int]:
+    """Token ids after ``prompt_ids`` (fp32 forward). ``num_ids``: only ids below it are
+    drawn (the tokenizer's vocabulary, when ``model.vocab_size`` is padded past it: an id
+    the tokenizer cannot decode would end the command with an error)."""
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature)
     if not prompt_ids:
         raise UserError(f"--prompt: the prompt encodes to no tokens; {HELP}")
@@ -95,6 +97,7 @@ def sample(cfg: ExperimentConfig, params: dict, prompt_ids: list[int], *,
             f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens={max_new_tokens} exceeds "
             f"model.max_position_embeddings={limit}"
         )
+    num_ids = cfg.model.vocab_size if num_ids is None else min(num_ids, cfg.model.vocab_size)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(
         cfg.model, rngs=nnx.Rngs(0), scan_layers=cfg.train.scan_layers)))
 
@@ -102,6 +105,7 @@ def sample(cfg: ExperimentConfig, params: dict, prompt_ids: list[int], *,
     def next_token(params: dict, buf_1t: jax.Array, pos: jax.Array, key: jax.Array
                    ) -> jax.Array:
         logits_v = nnx.merge(graphdef, params)(buf_1t)[0, pos - 1]
+        logits_v = jnp.where(jnp.arange(logits_v.shape[0]) < num_ids, logits_v, -jnp.inf)
         if temperature == 0:
             return jnp.argmax(logits_v).astype(jnp.int32)
         return jax.random.categorical(key, logits_v / temperature).astype(jnp.int32)
@@ -131,5 +135,6 @@ def generate_from_checkpoint(path: str | os.PathLike, prompt: str, *, max_new_to
     tokenizer = Dataset.from_config(cfg, progress=False).tokenizer
     ids = tokenizer.encode(prompt)
     new = sample(cfg, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                 seed=seed, eos_id=getattr(tokenizer, "eos_id", None))
+                 seed=seed, eos_id=getattr(tokenizer, "eos_id", None),
+                 num_ids=tokenizer.vocab_size)
     return prompt + tokenizer.decode(new)
