@@ -71,9 +71,12 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run(main: Callable[[Sequence[str] | None], int | None],
-        argv: Sequence[str] | None = None) -> int:
+        argv: Sequence[str] | None = None, *, raise_bugs: bool = False) -> int:
     """Run ``main`` under the error policy of the module docstring; returns the exit
-    status (``main``'s, 2 for a user error, 1 for a bug, 130 for Ctrl-C)."""
+    status (``main``'s, 2 for a user error, 1 for a bug, 130 for Ctrl-C).
+
+    ``raise_bugs``: let a bug propagate instead (a torchrun worker, whose ``@record``
+    wrapper writes the exception for the launcher to report as the root cause)."""
     try:
         rc = main(argv)
         return int(rc or 0)
@@ -85,6 +88,8 @@ def run(main: Callable[[Sequence[str] | None], int | None],
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the policy: anything else is our bug
+        if raise_bugs:
+            raise
         traceback.print_exc()
         print(BUG_LINE.format(name=type(e).__name__), file=sys.stderr, flush=True)
         return EXIT_BUG
