@@ -242,7 +242,28 @@ def _parity_cases() -> dict[str, Case]:
             ("--out", "notes.txt")),
         "parity data --steps 0": ("parity", lambda w: [
             "data", str(TINY), *w.data(), "--steps", "0"], ("--steps=0",)),
+        "data.cache_dir is a file": ("parity", lambda w: [
+            "data", str(TINY), w.data()[0], f"data.cache_dir={w.run / 'notes.txt'}"],
+            ("notes.txt", "Not a directory")),
+        "data.source missing": ("parity", lambda w: [
+            "data", str(TINY), f"data.source={w.root / 'no.txt'}", w.data()[1]],
+            ("data.source", "no.txt")),
+        "data.source jsonl not JSON": ("parity", lambda w: [
+            "data", str(TINY), f"data.source=jsonl:{w.root / 'corpus.txt'}", w.data()[1]],
+            ("data.source", "not valid JSON")),
+        "data.tokenizer missing": ("parity", lambda w: [
+            "data", str(TINY), *w.data(), f"data.tokenizer={w.root / 'tok.json'}"],
+            ("data.tokenizer", "tok.json")),
+        "data.tokenizer not a tokenizer.json": ("parity", lambda w: [
+            "data", str(TINY), *w.data(), f"data.tokenizer={_plant_tokenizer(w)}"],
+            ("data.tokenizer", "not a tokenizer.json")),
     }
+
+
+def _plant_tokenizer(w: World) -> Path:
+    p = w.root / "bad.json"
+    p.write_text("not json at all")
+    return p
 
 
 def _no_write(w: World) -> Path:
@@ -348,6 +369,14 @@ def test_a_bug_shows_its_traceback_and_exits_1(exc: BaseException, capsys,
     last = err.strip().splitlines()[-1]
     assert "bug in jaxlm-parity" in last and type(exc).__name__ in last
     assert "report" in last
+
+
+def test_a_worker_lets_a_bug_propagate(capsys) -> None:
+    """torchrun workers: the bug reaches ``@record`` (the launcher names it as the root
+    cause); a user error is still one line, exit 2."""
+    with pytest.raises(RuntimeError, match="boom"):
+        run(_raises(RuntimeError("boom")), raise_bugs=True)
+    assert run(_raises(UserError("bad")), raise_bugs=True) == 2
 
 
 def test_a_bug_inside_a_command_exits_1(world: World, capsys, monkeypatch) -> None:
