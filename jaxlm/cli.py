@@ -19,13 +19,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model from a config")
     add_train_args(tr)
     tr.set_defaults(func=_train)
-    gen = sub.add_parser("generate", help="sample text from a checkpoint")
+    gen = sub.add_parser(
+        "generate", help="sample text from a checkpoint",
+        description="Continue --prompt with up to --max-new-tokens tokens from a jaxlm "
+        "checkpoint: greedy (--temperature 0, the default) or sampled.")
     gen.add_argument("checkpoint", help="a run's out_dir or one of its checkpoint folders")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0,
-                     help="0 = greedy; otherwise sample from softmax(logits / T)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--prompt", required=True,
+                     help="text to continue (must encode to at least one token)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                     help="tokens to add, >= 0 (default 64); prompt + N must fit "
+                     "model.max_position_embeddings")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                     help="a finite number >= 0: 0 = greedy (the default); otherwise "
+                     "sample from softmax(logits / T)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S",
+                     help="sampling seed (default 0; unused when greedy)")
     gen.set_defaults(func=_generate)
     return parser
 
@@ -44,8 +52,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from jaxlm.generate import generate_from_checkpoint
+    from jaxlm.generate import check_sampling, generate_from_checkpoint
 
+    # before the checkpoint is loaded: a bad flag fails at once
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     text = generate_from_checkpoint(args.checkpoint, args.prompt,
                                     max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, seed=args.seed)

@@ -7,6 +7,7 @@ the small models this project trains on a CPU.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -18,20 +19,23 @@ from flax import nnx
 from jaxlm.checkpoint import CHECKPOINT_SUBDIR, Checkpoints
 from jaxlm.model import Llama
 from lmspec.config import ExperimentConfig, from_dict, load_config
+from lmspec.errors import UserError, UserFileNotFoundError
+
+HELP = "see `jaxlm generate --help`"
 
 
 def _locate(path: str | os.PathLike) -> tuple[Path, int | None]:
     """(run out_dir, checkpoint step or None for the latest) from a run or step folder."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
+        raise UserFileNotFoundError(f"checkpoint not found: {p}")
     if (p / CHECKPOINT_SUBDIR).is_dir():
         return p, None
     if p.name.isdigit() and p.parent.name == CHECKPOINT_SUBDIR:
         return p.parent.parent, int(p.name)
     if p.name == CHECKPOINT_SUBDIR:
         return p.parent, None
-    raise FileNotFoundError(
+    raise UserError(
         f"{p}: expected a run directory holding {CHECKPOINT_SUBDIR}/ or a folder "
         f"{CHECKPOINT_SUBDIR}/<step>"
     )
@@ -45,9 +49,9 @@ def load_params(path: str | os.PathLike) -> tuple[ExperimentConfig, dict, int]:
         if step is None:
             step = ckpts.latest_step()
             if step is None:
-                raise FileNotFoundError(f"no complete checkpoint in {ckpts.directory}")
+                raise UserError(f"no complete checkpoint in {ckpts.directory}")
         elif step not in ckpts.all_steps():
-            raise FileNotFoundError(f"no complete checkpoint for step {step} in "
+            raise UserError(f"no complete checkpoint for step {step} in "
                                     f"{ckpts.directory}")
         meta = ckpts.read_meta(step)
         if "config" in meta:
@@ -67,23 +71,33 @@ def load_params(path: str | os.PathLike) -> tuple[ExperimentConfig, dict, int]:
     return cfg, state["params"], step
 
 
+def check_sampling(*, max_new_tokens: int, temperature: float) -> None:
+    """A UserError naming the flag for a negative token count, or a temperature that is
+    negative, NaN or infinite (``softmax(logits / nan)`` samples garbage: NUL bytes)."""
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens={max_new_tokens} must be >= 0; {HELP}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature={temperature} must be a finite number >= 0 "
+                        f"(0 = greedy); {HELP}")
+
+
 def sample(cfg: ExperimentConfig, params: dict, prompt_ids: list[int], *,
            max_new_tokens: int, temperature: float, seed: int,
-           eos_id: int | None = None) -> list[int]:
-    """Token ids after ``prompt_ids`` (fp32 forward)."""
-    if max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise ValueError(f"--temperature={temperature} must be >= 0 (0 = greedy)")
+           eos_id: int | None = None, num_ids: int | None = None) -> list[int]:
+    """Token ids after ``prompt_ids`` (fp32 forward). ``num_ids``: only ids below it are
+    drawn (the tokenizer's vocabulary, when ``model.vocab_size`` is padded past it: an id
+    the tokenizer cannot decode would end the command with an error)."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature)
     if not prompt_ids:
-        raise ValueError("--prompt: the prompt encodes to no tokens")
+        raise UserError(f"--prompt: the prompt encodes to no tokens; {HELP}")
     limit = cfg.model.max_position_embeddings
     total = len(prompt_ids) + max_new_tokens
     if total > limit:
-        raise ValueError(
+        raise UserError(
             f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens={max_new_tokens} exceeds "
             f"model.max_position_embeddings={limit}"
         )
+    num_ids = cfg.model.vocab_size if num_ids is None else min(num_ids, cfg.model.vocab_size)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(
         cfg.model, rngs=nnx.Rngs(0), scan_layers=cfg.train.scan_layers)))
 
@@ -91,6 +105,7 @@ def sample(cfg: ExperimentConfig, params: dict, prompt_ids: list[int], *,
     def next_token(params: dict, buf_1t: jax.Array, pos: jax.Array, key: jax.Array
                    ) -> jax.Array:
         logits_v = nnx.merge(graphdef, params)(buf_1t)[0, pos - 1]
+        logits_v = jnp.where(jnp.arange(logits_v.shape[0]) < num_ids, logits_v, -jnp.inf)
         if temperature == 0:
             return jnp.argmax(logits_v).astype(jnp.int32)
         return jax.random.categorical(key, logits_v / temperature).astype(jnp.int32)
@@ -113,11 +128,13 @@ def sample(cfg: ExperimentConfig, params: dict, prompt_ids: list[int], *,
 def generate_from_checkpoint(path: str | os.PathLike, prompt: str, *, max_new_tokens: int = 64,
                              temperature: float = 0.0, seed: int = 0) -> str:
     """Prompt + continuation as text, from a run directory or a checkpoint folder."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature)
     cfg, params, _ = load_params(path)
     from lmspec.data import Dataset
 
     tokenizer = Dataset.from_config(cfg, progress=False).tokenizer
     ids = tokenizer.encode(prompt)
     new = sample(cfg, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                 seed=seed, eos_id=getattr(tokenizer, "eos_id", None))
+                 seed=seed, eos_id=getattr(tokenizer, "eos_id", None),
+                 num_ids=tokenizer.vocab_size)
     return prompt + tokenizer.decode(new)

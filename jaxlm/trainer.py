@@ -47,6 +47,8 @@ from lmspec import runs
 from lmspec import weights as lw
 from lmspec.config import ConfigError, ExperimentConfig, check_resumable, save_config
 from lmspec.data import Dataset
+from lmspec.errors import UserError
+from lmspec.io import ensure_writable_dir
 
 JAX_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -236,6 +238,8 @@ def open_run(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None,
     was accepted."""
     main = jax.process_index() == 0
     out = Path(cfg.train.out_dir)
+    if main:  # before any work: a run that cannot write its results stops here
+        ensure_writable_dir(out, "train.out_dir")
     init_tensors = None
     if init_weights is not None:
         init_tensors = lw.load_safetensors(init_weights)
@@ -285,7 +289,7 @@ def _restore(ckpts: Checkpoints, latest: int, setup: Setup, cfg: ExperimentConfi
         state, meta = ckpts.restore(latest, setup.abstract_state)
     except (ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
+        raise UserError(
             f"cannot resume from {where}: its state does not fit this config ({first}); "
             "pass --no-resume to start over or choose another train.out_dir"
         ) from e

@@ -1,8 +1,16 @@
-"""Pieces every command line shares: ``CONFIG [k=v ...]`` arguments and clean errors.
+"""Pieces every command line shares: ``CONFIG [k=v ...]`` arguments and the error policy.
 
-User mistakes (:class:`~lmspec.config.ConfigError`, other ``ValueError``/``TypeError``
-raised for bad input, missing files) end the command with ``error: <message>`` on
-stderr and exit status 2, with no traceback. Set ``LMSPEC_TRACEBACK=1`` to see one.
+The error policy of every command (``jaxlm``, ``torchlm``, ``parity``), in :func:`run`:
+
+- a user mistake, :class:`~lmspec.errors.UserError` (``ConfigError`` is one), ends the
+  command with one line ``error: <message>`` on stderr and exit status 2, no traceback;
+  so does an operating-system error about a path (not found, exists, permission denied,
+  is / is not a directory), which is the user's path or the machine's state;
+- anything else is a bug in this project: its traceback, then one line saying so and
+  how to report it, exit status 1. No blanket ``ValueError``/``TypeError`` catch: code
+  that rejects input raises ``UserError``, so what is left is not the user's fault.
+
+``LMSPEC_TRACEBACK=1`` prints the traceback of a user error too (exit status still 2).
 """
 
 from __future__ import annotations
@@ -11,12 +19,19 @@ import argparse
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
-from lmspec.config import ConfigError, ExperimentConfig, load_config
+from lmspec.config import ExperimentConfig, load_config
 from lmspec.errors import UserError
 
 EXIT_USAGE = 2
+EXIT_BUG = 1
+# OS errors about a path: the user's path or the machine's state, not a bug
+PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
+BUG_LINE = ("error: {name} above is a bug in jaxlm-parity, not a mistake in your input; "
+            "please report it with the command line and this traceback")
 
 
 OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
@@ -56,16 +71,43 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run(main: Callable[[Sequence[str] | None], int | None],
-        argv: Sequence[str] | None = None) -> int:
-    """Run ``main`` and turn user errors into ``error: ...`` and exit status 2."""
+        argv: Sequence[str] | None = None, *, raise_bugs: bool = False) -> int:
+    """Run ``main`` under the error policy of the module docstring; returns the exit
+    status (``main``'s, 2 for a user error, 1 for a bug, 130 for Ctrl-C).
+
+    ``raise_bugs``: let a bug propagate instead (a torchrun worker, whose ``@record``
+    wrapper writes the exception for the launcher to report as the root cause)."""
     try:
         rc = main(argv)
         return int(rc or 0)
-    except (ConfigError, UserError, FileNotFoundError, ValueError, TypeError) as e:
-        if os.environ.get("LMSPEC_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except UserError as e:
+        return _user_error(str(e))
+    except PATH_ERRORS as e:
+        return _user_error(path_error_message(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the policy: anything else is our bug
+        if raise_bugs:
+            raise
+        traceback.print_exc()
+        print(BUG_LINE.format(name=type(e).__name__), file=sys.stderr, flush=True)
+        return EXIT_BUG
+
+
+def path_error_message(e: OSError) -> str:
+    """``<path>: <what the OS said>`` for an OS error about a path."""
+    where = e.filename if e.filename is not None else ""
+    what = e.strerror or str(e)
+    if e.filename2 is not None:
+        where = f"{where} -> {e.filename2}"
+    return f"{where}: {what}" if where else what
+
+
+def _user_error(message: str) -> int:
+    if os.environ.get("LMSPEC_TRACEBACK"):
+        traceback.print_exc()
+    # one line: a message that spans lines is joined, so a script sees one error line
+    one = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"error: {one}", file=sys.stderr, flush=True)
+    return EXIT_USAGE

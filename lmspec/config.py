@@ -10,6 +10,7 @@ allowed. This module imports neither jax nor torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self, prefix: str = "model") -> None:
+        _finite_floats(self, prefix)
         for name in (
             "vocab_size",
             "hidden_size",
@@ -132,6 +134,7 @@ class DataConfig:
     max_bytes: int = 0  # 0 = the whole corpus; otherwise the first max_bytes of it
 
     def validate(self, prefix: str = "data") -> None:
+        _finite_floats(self, prefix)
         _positive(f"{prefix}.seq_len", self.seq_len)
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"{prefix}.val_fraction={self.val_fraction} must be in [0, 1)")
@@ -172,6 +175,7 @@ class OptimConfig:
     wd_mask: str = "matrices"  # matrices: decay tensors with ndim >= 2; all; none
 
     def validate(self, prefix: str = "optim") -> None:
+        _finite_floats(self, prefix)
         if self.lr < 0:
             raise ConfigError(f"{prefix}.lr={self.lr} must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -387,6 +391,15 @@ class ExperimentConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
+def _finite_floats(section: Any, prefix: str) -> None:
+    """A NaN or infinite float field is an error naming it: comparisons with NaN are all
+    False, so range checks alone would let ``optim.lr=nan`` through to training."""
+    for f in dataclasses.fields(section):
+        v = getattr(section, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{prefix}.{f.name}={v}: must be a finite number")
+
+
 def _positive(key: str, value: int) -> None:
     if value <= 0:
         raise ConfigError(f"{key}={value} must be > 0")
@@ -485,18 +498,36 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+# the keys of ExperimentConfig that are sections (dataclasses), e.g. "train"
+_SECTIONS = tuple(k for k, tp in _hints(ExperimentConfig).items()
+                  if dataclasses.is_dataclass(tp))
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; name a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    if data is None:
+        # an empty file (or only comments) is almost always a mistake: training on the
+        # defaults would look like success
+        raise ConfigError(f"config file {path} is empty; it needs at least one setting "
+                          "(write `{}` to take every default on purpose)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{path}: top level must be a mapping, got {data!r}")
+    for key, value in data.items():
+        if key in _SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"{path}: section {key!r} must be a mapping of its keys, got "
+                              f"{value!r}")
     base = data.pop("base", None)
     if base is None:
         return data
@@ -553,7 +584,12 @@ def _apply_override(data: dict, parts: list[str], value: str) -> None:
             cls = dict
         else:
             raise ConfigError(f"{dotted!r} is not a section; cannot set {'.'.join(parts)}")
-        if part not in node or not isinstance(node[part], dict):
+        if part in node and not isinstance(node[part], dict):
+            # e.g. `train: 5` in the YAML plus train.steps=1: replacing the section with
+            # defaults would hide the mistake
+            raise ConfigError(f"{dotted}: expected a mapping, got {node[part]!r}; cannot "
+                              f"set {'.'.join(parts)}")
+        if part not in node:
             if cls is dict:
                 node[part] = dict(DEFAULT_RULES) if part == "rules" else {}
             else:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lmspec.config import DataConfig, ExperimentConfig
+from lmspec.errors import UserError, UserFileNotFoundError
 from lmspec.io import atomic_write, atomic_write_json, file_lock
 from lmspec.tokenizer import (
     ByteTokenizer,
@@ -159,7 +160,7 @@ def source_kind(source: str) -> tuple[str, str]:
         return "glob", source
     p = Path(source)
     if not p.exists():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"data.source={source!r}: no such file or directory (allowed: 'stdlib', a text "
             "file, a directory, a glob, a .jsonl file, or a token manifest.json/.bin)"
         )
@@ -222,15 +223,15 @@ def _read_jsonl(path: Path, source: str) -> list[bytes]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                raise UserError(
                     f"data.source={source!r}: {path}:{lineno}: not valid JSON ({e.msg})"
                 ) from None
             if not isinstance(rec, dict) or "text" not in rec:
-                raise ValueError(
+                raise UserError(
                     f"data.source={source!r}: {path}:{lineno}: record has no 'text' field"
                 )
             if not isinstance(rec["text"], str):
-                raise ValueError(
+                raise UserError(
                     f"data.source={source!r}: {path}:{lineno}: 'text' must be a string, got "
                     f"{type(rec['text']).__name__}"
                 )
@@ -282,10 +283,10 @@ def read_corpus(data: DataConfig, progress: bool | None = None) -> Corpus:
     elif kind == "text":
         p = Path(loc)
         if not p.is_file():
-            raise FileNotFoundError(f"data.source={src!r}: no such file {p}")
+            raise UserFileNotFoundError(f"data.source={src!r}: no such file {p}")
         raw = p.read_bytes()
         if _decode_file(raw) is None:
-            raise ValueError(f"data.source={src!r}: {p} is not UTF-8 text")
+            raise UserError(f"data.source={src!r}: {p} is not UTF-8 text")
         docs = [raw] if raw else []
     elif kind == "dir":
         root = Path(loc)
@@ -297,19 +298,19 @@ def read_corpus(data: DataConfig, progress: bool | None = None) -> Corpus:
         files = sorted(Path(p) for p in _glob.glob(loc, recursive=True) if Path(p).is_file())
         files = _outside(files, Path(data.cache_dir))
         if not files:
-            raise FileNotFoundError(f"data.source={src!r}: the pattern matches no files")
+            raise UserFileNotFoundError(f"data.source={src!r}: the pattern matches no files")
         docs, skipped = _read_files(files, bool(progress), data.max_bytes)
     elif kind == "jsonl":
         p = Path(loc)
         if not p.is_file():
-            raise FileNotFoundError(f"data.source={src!r}: no such file {p}")
+            raise UserFileNotFoundError(f"data.source={src!r}: no such file {p}")
         docs = _read_jsonl(p, src)
     else:
-        raise ValueError(f"data.source={src!r}: a token file has no text to read")
+        raise UserError(f"data.source={src!r}: a token file has no text to read")
     docs = _truncate(docs, data.max_bytes)
     if not docs:
         extra = f" ({skipped} binary or non-UTF-8 files skipped)" if skipped else ""
-        raise ValueError(f"data.source={src!r}: the corpus is empty{extra}")
+        raise UserError(f"data.source={src!r}: the corpus is empty{extra}")
     return Corpus(kind=kind, location=loc, documents=docs, skipped=skipped,
                   hash=_hash_documents(docs))
 
@@ -380,13 +381,13 @@ def _encode(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype,
     bar.close()
     ids = np.concatenate(parts)
     if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
-        raise ValueError(f"data.tokenizer={tokenizer.spec!r} produced ids outside its vocabulary")
+        raise UserError(f"data.tokenizer={tokenizer.spec!r} produced ids outside its vocabulary")
     return ids.astype(dtype)
 
 
 def _check_vocab(tokenizer_spec: str, vocab_size: int, model_vocab_size: int | None) -> None:
     if model_vocab_size is not None and vocab_size > model_vocab_size:
-        raise ValueError(
+        raise UserError(
             f"data.tokenizer={tokenizer_spec!r} has {vocab_size} tokens, more than "
             f"model.vocab_size={model_vocab_size}"
         )
@@ -479,10 +480,10 @@ class _VocabOnlyTokenizer(Tokenizer):
         self.hash = str(manifest.get("tokenizer_hash", ""))
 
     def encode(self, text: str) -> list[int]:
-        raise ValueError(f"the tokenizer {self.spec!r} of this token file is not available")
+        raise UserError(f"the tokenizer {self.spec!r} of this token file is not available")
 
     def decode(self, ids: Any) -> str:
-        raise ValueError(f"the tokenizer {self.spec!r} of this token file is not available")
+        raise UserError(f"the tokenizer {self.spec!r} of this token file is not available")
 
 
 def open_token_file(data: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
@@ -494,7 +495,7 @@ def open_token_file(data: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
     _, loc = source_kind(data.source)
     src = data.source
     if data.max_bytes:
-        raise ValueError(
+        raise UserError(
             f"data.max_bytes={data.max_bytes}: applies to text sources only, not to the token "
             f"file data.source={src!r}; set it to 0"
         )
@@ -503,40 +504,40 @@ def open_token_file(data: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
         p = p / MANIFEST
     manifest_path = p if p.suffix != ".bin" else p.parent / MANIFEST
     if not p.exists():
-        raise FileNotFoundError(f"data.source={src!r}: no such file {p}")
+        raise UserFileNotFoundError(f"data.source={src!r}: no such file {p}")
     if not manifest_path.is_file():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"data.source={src!r}: token file {p} has no {MANIFEST} beside it"
         )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"data.source={src!r}: {manifest_path} is not valid JSON: {e}") \
+        raise UserError(f"data.source={src!r}: {manifest_path} is not valid JSON: {e}") \
             from None
     required = ("num_tokens", "dtype", "vocab_size", "eos_id", "token_file")
     missing = [k for k in required if k not in manifest]
     if missing:
-        raise ValueError(f"data.source={src!r}: {manifest_path} lacks fields {missing}")
+        raise UserError(f"data.source={src!r}: {manifest_path} lacks fields {missing}")
     if manifest.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"data.source={src!r}: {manifest_path} has format_version "
             f"{manifest['format_version']}, this version reads {FORMAT_VERSION}"
         )
     folder = manifest_path.parent
     if p.suffix == ".bin" and p.name != manifest["token_file"]:
-        raise ValueError(
+        raise UserError(
             f"data.source={src!r}: {manifest_path} describes {manifest['token_file']!r}, "
             f"not {p.name!r}"
         )
     if manifest["dtype"] not in ("uint16", "uint32"):
-        raise ValueError(f"data.source={src!r}: dtype {manifest['dtype']!r}: allowed are "
+        raise UserError(f"data.source={src!r}: dtype {manifest['dtype']!r}: allowed are "
                          "['uint16', 'uint32']")
     tok_path = folder / manifest["token_file"]
     expected = int(manifest["num_tokens"]) * np.dtype(manifest["dtype"]).itemsize
     if not tok_path.is_file():
-        raise FileNotFoundError(f"data.source={src!r}: token file {tok_path} is missing")
+        raise UserFileNotFoundError(f"data.source={src!r}: token file {tok_path} is missing")
     if tok_path.stat().st_size != expected:
-        raise ValueError(
+        raise UserError(
             f"data.source={src!r}: {tok_path} holds {tok_path.stat().st_size} bytes, the "
             f"manifest says {manifest['num_tokens']} {manifest['dtype']} tokens ({expected})"
         )
@@ -549,7 +550,7 @@ def open_token_file(data: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
     else:
         tokenizer = _VocabOnlyTokenizer(manifest)
     if tokenizer.vocab_size != int(manifest["vocab_size"]):
-        raise ValueError(
+        raise UserError(
             f"data.source={src!r}: manifest vocab_size={manifest['vocab_size']} but its "
             f"tokenizer has {tokenizer.vocab_size}"
         )
@@ -584,13 +585,13 @@ class Dataset:
         self.num_train_windows = num_train_tokens // w
         self.num_val_windows = num_val_tokens // w
         if self.num_train_windows < 1:
-            raise ValueError(
+            raise UserError(
                 f"corpus too short: {n} tokens leave {num_train_tokens} for training, fewer "
                 f"than one window of data.seq_len+1={w} tokens (data.source="
                 f"{manifest.get('source')!r}, data.val_fraction={val_fraction})"
             )
         if val_fraction > 0 and self.num_val_windows < 1:
-            raise ValueError(
+            raise UserError(
                 f"corpus too short for validation: data.val_fraction={val_fraction} of {n} "
                 f"tokens is {num_val_tokens} tokens, fewer than one window of "
                 f"data.seq_len+1={w}; raise data.val_fraction or set it to 0"
@@ -614,14 +615,14 @@ class Dataset:
                 data, progress=progress, model_vocab_size=cfg.model.vocab_size)
         _check_vocab(tokenizer.spec, tokenizer.vocab_size, cfg.model.vocab_size)
         if int(manifest["num_tokens"]) == 0:
-            raise ValueError(f"data.source={data.source!r}: the corpus is empty (0 tokens)")
+            raise UserError(f"data.source={data.source!r}: the corpus is empty (0 tokens)")
         tokens = np.memmap(folder / manifest["token_file"], dtype=np.dtype(manifest["dtype"]),
                            mode="r", shape=(int(manifest["num_tokens"]),))
         if kind == "tokens" and tokens.size:
             top = int(tokens.max())
             limit = min(int(manifest["vocab_size"]), cfg.model.vocab_size)
             if top >= limit:
-                raise ValueError(
+                raise UserError(
                     f"data.source={data.source!r}: token id {top} is outside the vocabulary "
                     f"(manifest vocab_size={manifest['vocab_size']}, "
                     f"model.vocab_size={cfg.model.vocab_size})"

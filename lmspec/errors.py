@@ -15,3 +15,8 @@ from __future__ import annotations
 class UserError(ValueError):
     """Bad input from the user; the message names the problem and, where there is one,
     what to do about it."""
+
+
+class UserFileNotFoundError(UserError, FileNotFoundError):
+    """A file or folder the user named (in a config key, a flag) does not exist. Also a
+    ``FileNotFoundError``, so code and tests that catch that keep working."""

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lmspec.errors import UserError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``."""
@@ -68,3 +70,50 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder ``path`` (and its parents) if missing and prove it writable with
+    a probe file that is removed at once; a :class:`UserError` naming ``what`` (the key or
+    flag, e.g. ``train.out_dir``) otherwise. Called before any work, so a run that cannot
+    write its results fails in a second, not after training. Nothing already in the
+    folder is touched."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what}={path} is a file, not a folder; choose another {what}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what}={path}: cannot create the folder ({e.strerror or e}); "
+                        f"choose another {what}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+    except OSError as e:
+        raise UserError(f"{what}={path} is not writable ({e.strerror or e}); choose another "
+                        f"{what} or fix its permissions") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Before any work: a :class:`UserError` naming ``what`` (a flag such as ``--json``)
+    when ``path`` cannot become a file: it is a folder, a file stands where a folder of
+    it should be, or its nearest existing folder is not writable. Creates nothing (a
+    probe file is removed at once)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; name a file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{what} {path}: {parent} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
+    except OSError as e:
+        raise UserError(f"{what} {path}: {parent} is not writable ({e.strerror or e})"
+                        ) from None
+    os.close(fd)
+    os.unlink(probe)
+    return path

@@ -27,6 +27,7 @@ from typing import Any
 from lmspec import flops
 from lmspec.cli import add_config_args
 from lmspec.config import ExperimentConfig
+from lmspec.errors import UserError
 from lmspec.io import atomic_write_json
 
 RUN_SUMMARY = "run_summary.json"
@@ -59,7 +60,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_steps(text: str, flag: str) -> tuple[int, ...]:
-    """``"0,3"`` -> ``(0, 3)`` (sorted, unique; empty means none); a ValueError naming
+    """``"0,3"`` -> ``(0, 3)`` (sorted, unique; empty means none); a UserError naming
     ``flag`` otherwise."""
     if not text.strip():
         return ()
@@ -68,11 +69,11 @@ def parse_steps(text: str, flag: str) -> tuple[int, ...]:
         try:
             s = int(part)
         except ValueError:
-            raise ValueError(
+            raise UserError(
                 f"{flag}={text!r}: expected comma-separated step numbers, e.g. 0,3"
             ) from None
         if s < 0:
-            raise ValueError(f"{flag}={text!r}: steps must be >= 0")
+            raise UserError(f"{flag}={text!r}: steps must be >= 0")
         steps.add(s)
     return tuple(sorted(steps))
 
@@ -90,11 +91,11 @@ class TrainArgs:
 
 def check_dump_steps(train_steps: int, dump_grads: Sequence[int] = (),
                      dump_params: Sequence[int] = ()) -> None:
-    """A ValueError naming the flag when a dump step is outside ``[0, train.steps)``."""
+    """A UserError naming the flag when a dump step is outside ``[0, train.steps)``."""
     for flag, steps in (("--dump-grads", dump_grads), ("--dump-params", dump_params)):
         bad = sorted(s for s in steps if not 0 <= s < train_steps)
         if bad:
-            raise ValueError(f"{flag}: steps {bad} are outside [0, train.steps={train_steps})")
+            raise UserError(f"{flag}: steps {bad} are outside [0, train.steps={train_steps})")
 
 
 def train_args(args: argparse.Namespace, cfg: ExperimentConfig) -> TrainArgs:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmspec.errors import UserError, UserFileNotFoundError
+
 BOS = "<|bos|>"
 EOS = "<|eos|>"
 PAD = "<|pad|>"
@@ -96,12 +98,12 @@ class HFTokenizer(Tokenizer):
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"data.tokenizer={spec!r}: no such file {path}")
+            raise UserFileNotFoundError(f"data.tokenizer={spec!r}: no such file {path}")
         raw = path.read_bytes()
         try:
             self._tok = _HF.from_str(raw.decode("utf-8"))
         except Exception as e:  # the library raises plain Exception subclasses
-            raise ValueError(f"data.tokenizer={spec!r}: {path} is not a tokenizer.json: {e}") \
+            raise UserError(f"data.tokenizer={spec!r}: {path} is not a tokenizer.json: {e}") \
                 from None
         self.spec = spec
         self.path = path
@@ -109,7 +111,7 @@ class HFTokenizer(Tokenizer):
         self.hash = _short_hash(raw)
         eos = _first_id(self._tok, _EOS_NAMES)
         if eos is None:
-            raise ValueError(
+            raise UserError(
                 f"data.tokenizer={spec!r}: {path} has no end-of-document token; expected one "
                 f"of {list(_EOS_NAMES)}"
             )
@@ -146,10 +148,10 @@ def parse_bpe_size(spec: str) -> int:
     try:
         n = int(spec[4:])
     except ValueError:
-        raise ValueError(f"data.tokenizer={spec!r}: expected bpe:<vocab_size>, e.g. bpe:4096") \
+        raise UserError(f"data.tokenizer={spec!r}: expected bpe:<vocab_size>, e.g. bpe:4096") \
             from None
     if n < 260:
-        raise ValueError(f"data.tokenizer={spec!r}: BPE vocab_size must be >= 260")
+        raise UserError(f"data.tokenizer={spec!r}: BPE vocab_size must be >= 260")
     return n
 
 
@@ -204,7 +206,7 @@ def load_tokenizer(spec: str, *, corpus: Iterable[str] | None = None,
         return HFTokenizer(path, spec)
     if spec.endswith(".json"):
         return HFTokenizer(spec, spec)
-    raise ValueError(
+    raise UserError(
         f"data.tokenizer={spec!r}: allowed are 'byte', 'bpe:<vocab_size>' or a path to a "
         "tokenizer.json"
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lmspec.config import ModelConfig
+from lmspec.errors import UserError, UserFileNotFoundError
 
 INIT_STD = 0.02  # Hugging Face LlamaConfig.initializer_range
 
@@ -70,7 +71,7 @@ def init_weights(model: ModelConfig, seed: int) -> dict[str, np.ndarray]:
 
 
 def check_names(model: ModelConfig, tensors: dict[str, np.ndarray], where: str) -> None:
-    """Strict check: same names and shapes as :func:`param_shapes`, else a ValueError
+    """Strict check: same names and shapes as :func:`param_shapes`, else a UserError
     that lists the missing, unexpected and mis-shaped tensors."""
     expected = param_shapes(model)
     missing = sorted(set(expected) - set(tensors))
@@ -88,7 +89,7 @@ def check_names(model: ModelConfig, tensors: dict[str, np.ndarray], where: str) 
             parts.append(f"unexpected keys {extra}")
         if bad:
             parts.append(f"wrong shapes {bad}")
-        raise ValueError(f"{where}: " + "; ".join(parts))
+        raise UserError(f"{where}: " + "; ".join(parts))
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
@@ -101,10 +102,43 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) ->
     return atomic_write(path, lambda tmp: save_file(arrays, tmp))
 
 
+def _check_weights_path(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"weights file {path} is a directory; name a .safetensors file")
+    if not path.is_file():
+        raise UserFileNotFoundError(f"weights file not found: {path}")
+
+
+def _unreadable(path: Path, e: BaseException) -> UserError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return UserError(f"weights file {path} is not a readable safetensors file ({first}); "
+                     "is it truncated or another format? Write it again (e.g. "
+                     "safetensors.numpy.save_file)")
+
+
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as numpy; a UserError naming the file when it is
+    missing, a folder, or not a complete safetensors file (garbage, truncated)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    return load_file(str(path))
+    _check_weights_path(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, TypeError, ValueError) as e:  # TypeError: e.g. a bf16 dtype
+        raise _unreadable(path, e) from e
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape from a safetensors file's header only (no tensor is read), with the
+    errors of :func:`load_safetensors`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    _check_weights_path(path)
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, TypeError, ValueError) as e:
+        raise _unreadable(path, e) from e

@@ -31,6 +31,8 @@ from typing import Any
 
 from lmspec.cli import add_config_args, config_from_args
 from lmspec.config import ZERO_PROFILES, ExperimentConfig, save_config
+from lmspec.errors import UserError
+from lmspec.io import check_output_file, ensure_writable_dir
 
 DEFAULT_STEPS = 20
 DEFAULT_DS_PROFILE = "bench"
@@ -81,23 +83,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _check(cfg: ExperimentConfig, steps: int, jax_devices: int | None,
            stages: Sequence[int], ds_profile: str, num_gpus: int) -> None:
-    """ValueError naming the option for impossible requests."""
+    """UserError naming the option for impossible requests."""
     if steps <= cfg.train.warmup_steps_excluded:
-        raise ValueError(f"--steps={steps} must be > train.warmup_steps_excluded="
+        raise UserError(f"--steps={steps} must be > train.warmup_steps_excluded="
                          f"{cfg.train.warmup_steps_excluded} (those steps are not timed)")
     if jax_devices is not None and jax_devices < 1:
-        raise ValueError(f"--jax-devices={jax_devices} must be >= 1")
+        raise UserError(f"--jax-devices={jax_devices} must be >= 1")
     if not stages:
-        raise ValueError("--zero-stages: give at least one of 0, 1, 2, 3")
+        raise UserError("--zero-stages: give at least one of 0, 1, 2, 3")
     for s in stages:
         if s not in (0, 1, 2, 3):
-            raise ValueError(f"--zero-stages: {s} is not a ZeRO stage; allowed: 0, 1, 2, 3")
+            raise UserError(f"--zero-stages: {s} is not a ZeRO stage; allowed: 0, 1, 2, 3")
     if len(set(stages)) != len(stages):
-        raise ValueError(f"--zero-stages: {list(stages)} repeats a stage")
+        raise UserError(f"--zero-stages: {list(stages)} repeats a stage")
     if ds_profile not in ZERO_PROFILES:
-        raise ValueError(f"--ds-profile={ds_profile!r}: allowed are {list(ZERO_PROFILES)}")
+        raise UserError(f"--ds-profile={ds_profile!r}: allowed are {list(ZERO_PROFILES)}")
     if num_gpus and cfg.zero.world_size > num_gpus:
-        raise ValueError(f"zero.world_size={cfg.zero.world_size} but this machine has "
+        raise UserError(f"zero.world_size={cfg.zero.world_size} but this machine has "
                          f"{num_gpus} GPU(s): set zero.world_size={num_gpus}")
 
 
@@ -121,8 +123,7 @@ def run_bench(cfg: ExperimentConfig, steps: int, out: Path, jax_devices: int | N
     on_gpu = P.gpu_available()
     _check(cfg, steps, jax_devices, stages, ds_profile, len(gpus()) if on_gpu else 0)
     trainer_cmd = trainer_cmd or P.default_trainer_cmd
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(Path(out).resolve(), "--out")
     n_jax = None if on_gpu else (jax_devices or cfg.zero.world_size)
     P.log(f"bench {cfg.name}: {steps} steps per run, precision {cfg.train.precision}, "
           f"global batch {cfg.train.global_batch_size} x {cfg.data.seq_len}, "
@@ -221,6 +222,8 @@ def _run(args: argparse.Namespace) -> int:
     from lmspec.io import atomic_write_json
 
     cfg = config_from_args(args)
+    if args.json is not None:  # before the runs: a bench takes minutes, the write a moment
+        check_output_file(args.json, "--json")
     tmp = None
     out = args.out
     if out is None:

@@ -39,3 +39,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     raise SystemExit(run(_main, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from lmspec.cli import add_config_args, config_from_args
+from lmspec.errors import UserError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if args.steps < 1:
-        raise ValueError(f"--steps={args.steps} must be >= 1")
+        raise UserError(f"--steps={args.steps} must be >= 1")
     t0 = time.perf_counter()
     ds = Dataset.from_config(cfg)
     elapsed = time.perf_counter() - t0

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from lmspec.config import ExperimentConfig, save_config
+from lmspec.errors import UserError
+from lmspec.io import ensure_writable_dir
 from lmspec.metrics import read_metrics
 from lmspec.weights import init_weights, load_safetensors, save_safetensors
 from parity import compare as C
@@ -89,24 +91,24 @@ class ParityOptions:
 
 
 def validate_options(opts: ParityOptions, cfg: ExperimentConfig) -> None:
-    """ValueError naming the option for bad stages, precisions, steps or device counts."""
+    """UserError naming the option for bad stages, precisions, steps or device counts."""
     if not opts.zero_stages:
-        raise ValueError("--zero-stages: give at least one of 0, 1, 2, 3")
+        raise UserError("--zero-stages: give at least one of 0, 1, 2, 3")
     for s in opts.zero_stages:
         if s not in (0, 1, 2, 3):
-            raise ValueError(f"--zero-stages: {s} is not a ZeRO stage; allowed: 0, 1, 2, 3")
+            raise UserError(f"--zero-stages: {s} is not a ZeRO stage; allowed: 0, 1, 2, 3")
     if len(set(opts.zero_stages)) != len(opts.zero_stages):
-        raise ValueError(f"--zero-stages: {list(opts.zero_stages)} repeats a stage")
+        raise UserError(f"--zero-stages: {list(opts.zero_stages)} repeats a stage")
     if not opts.precisions:
-        raise ValueError("--precisions: give at least one of fp32, bf16")
+        raise UserError("--precisions: give at least one of fp32, bf16")
     for p in opts.precisions:
         if p not in DEFAULT_PRECISIONS:
-            raise ValueError(f"--precisions: {p!r}; allowed: fp32, bf16")
+            raise UserError(f"--precisions: {p!r}; allowed: fp32, bf16")
     for name in ("steps_fp32", "steps_bf16"):
         if getattr(opts, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(opts, name)} must be >= 1")
+            raise UserError(f"--{name.replace('_', '-')}={getattr(opts, name)} must be >= 1")
     if opts.jax_devices is not None and opts.jax_devices < 1:
-        raise ValueError(f"--jax-devices={opts.jax_devices} must be >= 1")
+        raise UserError(f"--jax-devices={opts.jax_devices} must be >= 1")
 
 
 class _Phases:
@@ -201,8 +203,7 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
 
     validate_options(opts, cfg)
     cfg = force_parity_profile(cfg, log)
-    out = Path(opts.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(Path(opts.out).resolve(), "--out")
     t_start = time.perf_counter()
     errors: list[str] = []
     on_gpu = gpu_available()

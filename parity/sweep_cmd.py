@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmspec.errors import UserError
+from lmspec.io import ensure_writable_dir
+
 ROOT_CONFIG = "configs/tiny.yaml"
 ODD_SHAPE = ("model.num_attention_heads=3", "model.num_key_value_heads=1",
              "model.hidden_size=96", "model.intermediate_size=200", "model.vocab_size=1001",
@@ -226,10 +229,9 @@ def _run(args: argparse.Namespace) -> int:
         known = {c.name: c for c in all_cases()}
         bad = [w for w in want if w not in known]
         if bad:
-            raise ValueError(f"--cases: unknown {bad}; known: {sorted(known)}")
+            raise UserError(f"--cases: unknown {bad}; known: {sorted(known)}")
         pl.cases = [known[w] for w in want]
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(args.out.resolve(), "--out")
     corpora = write_corpora(out / "corpora") if any(c.needs for c in pl.cases) else {}
     cache = out / "token-cache" if args.quick else None
     results = []

@@ -52,8 +52,13 @@ def _main(argv: Sequence[str] | None) -> int:
               "(attention path) are passed as objects to deepspeed.initialize:",
               json.dumps(optimizer_spec(cfg)), file=sys.stderr)
         return 0
+    from lmspec.io import ensure_writable_dir
+    from lmspec.runs import train_args
+
+    targs = train_args(args, cfg)  # dump steps checked against train.steps before launch
     if args.init_weights:
         check_weights_file(cfg, args.init_weights)
+    ensure_writable_dir(cfg.train.out_dir, "train.out_dir")
     if not args.no_resume:
         _check_resumable(cfg)
     # build the token cache once, with a progress bar, before the workers start
@@ -63,13 +68,11 @@ def _main(argv: Sequence[str] | None) -> int:
     if ds.num_val_windows == 0 and cfg.train.eval_every:
         print("note: no validation windows (data.val_fraction); val_loss is not logged",
               file=sys.stderr)
-    from lmspec.runs import train_args
     from torchlm.launch import WorkerError, launch
 
     worker_args = [args.config, *args.overrides]
     if args.init_weights:
         worker_args += ["--init-weights", args.init_weights]
-    targs = train_args(args, cfg)  # dump steps checked against train.steps before launch
     for flag, steps in (("--dump-grads", targs.dump_grads), ("--dump-params", targs.dump_params)):
         if steps:
             worker_args += [flag, ",".join(map(str, steps))]
@@ -100,31 +103,28 @@ def _check_resumable(cfg: ExperimentConfig) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from lmspec.io import check_output_file
     from lmspec.weights import save_safetensors
     from torchlm.export import checkpoint_weights
     from torchlm.trainer import latest_checkpoint
 
     tag = args.tag or latest_checkpoint(args.out_dir)
-    weights = checkpoint_weights(args.out_dir, tag)
     path = args.output or f"{args.out_dir}/export_{tag}.safetensors"
+    check_output_file(path, "--output")
+    weights = checkpoint_weights(args.out_dir, tag)
     save_safetensors(weights, path)
     print(f"wrote {path} ({len(weights)} tensors, fp32)")
     return 0
 
 
-def check_weights_file(cfg, path: str) -> None:
-    """Names and shapes of a safetensors file (header only) against the model config."""
-    from pathlib import Path
+def check_weights_file(cfg: ExperimentConfig, path: str) -> None:
+    """Names and shapes of a safetensors file (header only) against the model config; a
+    UserError naming the file when it is missing, unreadable or of another model."""
     from types import SimpleNamespace
 
-    from safetensors import safe_open
+    from lmspec.weights import check_names, safetensors_shapes
 
-    from lmspec.weights import check_names
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--init-weights: file not found: {path}")
-    with safe_open(path, framework="np") as f:
-        shapes = {k: SimpleNamespace(shape=tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    shapes = {k: SimpleNamespace(shape=v) for k, v in safetensors_shapes(path).items()}
     check_names(cfg.model, shapes, f"--init-weights {path}")
 
 

@@ -16,7 +16,8 @@ from torchlm.trainer import main
 
 @record
 def _entry() -> int:
-    return run(main)
+    # a bug propagates to @record, which writes it where torchrun's launcher finds it
+    return run(main, raise_bugs=True)
 
 
 if __name__ == "__main__":
