@@ -15,7 +15,7 @@ def test_limits_keys_and_ops():
     assert {k: v.op for k, v in LIMITS.items()} == {
         "fp32.logits": "<=", "fp32.grad": "<=", "fp32.update": "<=", "fp32.loss": "<=",
         "bf16.logits": "<=", "bf16.loss_step0": "<=", "bf16.grad": "<=", "bf16.is_bf16": ">=",
-        "bf16.activations": "<=", "bf16.accum": "<=",
+        "bf16.activations": "<=", "bf16.accum": "<=", "bf16.loss_fn": "<=",
         "bf16.curve": "<=", "batch_fingerprint_mismatches": "<="}
     assert LIMITS["batch_fingerprint_mismatches"].threshold == 0
     assert (FP32_LOSS_STEPS, BF16_STEPS) == (20, 50)
