@@ -43,10 +43,11 @@ from jaxlm.model import Llama, compute_dtype
 from jaxlm.recorder import Recorder
 from jaxlm.step import make_eval_step, make_optimizer, make_train_step
 from jaxlm.weights import hf_to_params, params_to_hf
-from lmspec import runs
+from lmspec import integrity, runs
 from lmspec import weights as lw
 from lmspec.config import ConfigError, ExperimentConfig, check_resumable, save_config
 from lmspec.data import Dataset
+from lmspec.errors import UserError
 
 JAX_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -250,7 +251,7 @@ def open_run(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None,
     if latest is None:
         state, start = init_state(setup, init_tensors), 0
     else:
-        state, start = _restore(ckpts, latest, setup, cfg)
+        state, start = _restore(ckpts, latest, setup, cfg, say)
         say(f"resumed from {ckpts.directory / str(latest)} (step {start})")
         if init_tensors is not None:
             say("note: --init-weights ignored, the checkpoint's weights are used")
@@ -276,19 +277,29 @@ def _prepare_out_dir(out: Path, cfg: ExperimentConfig, resume: bool, main: bool,
     return ckpts
 
 
-def _restore(ckpts: Checkpoints, latest: int, setup: Setup, cfg: ExperimentConfig
-             ) -> tuple[dict, int]:
-    where = ckpts.directory / str(latest)
-    check_resumable(ckpts.read_meta(latest).get("config"), cfg, ("model", "train.scan_layers"),
-                    where)
+def _restore(ckpts: Checkpoints, latest: int, setup: Setup, cfg: ExperimentConfig,
+             say: Callable[[str], None]) -> tuple[dict, int]:
+    """Verify checkpoint ``latest`` (checksums, then its record), then restore it; every
+    problem is a :class:`UserError` raised before anything in the run folder is written."""
+    where = ckpts.step_dir(latest)
+    todo = ckpts.resume_advice(latest)
+    if not ckpts.verify(latest, todo):
+        say(f"warning: {where} has no {integrity.CHECKSUMS} (written by an older version, "
+            "or the process stopped right after the save): resuming from it unverified")
+    check_resumable(ckpts.read_meta(latest, todo).get("config"), cfg,
+                    ("model", "train.scan_layers"), where)
     try:
         state, meta = ckpts.restore(latest, setup.abstract_state)
     except (ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
+        raise UserError(
             f"cannot resume from {where}: its state does not fit this config ({first}); "
             "pass --no-resume to start over or choose another train.out_dir"
         ) from e
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore errors for unreadable files
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot resume from {where}: its files cannot be read ({first}); "
+                        f"{todo}") from e
     return state, int(meta["step"])
 
 
