@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -48,9 +49,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lmspec import flops
+from lmspec import flops, integrity
 from lmspec.config import ConfigError, ExperimentConfig, load_config, save_config
 from lmspec.data import Dataset, combine_row_digests, fingerprint_parts, row_digests
+from lmspec.errors import UserError
 from lmspec.metrics import MetricsWriter
 from lmspec.runs import (
     add_train_args,
@@ -71,15 +73,65 @@ from torchlm.weights import load_numpy
 CKPT_SUBDIR = "checkpoints"
 FINAL_WEIGHTS = "model.safetensors"
 LAUNCH_TIME_ENV = "TORCHLM_LAUNCH_TIME"
+# set by the launcher to the checkpoint folder it verified, so workers do not hash again
+VERIFIED_ENV = "TORCHLM_VERIFIED_CHECKPOINT"
+
+
+def checkpoint_tags(out_dir: str | os.PathLike) -> list[str]:
+    """Checkpoint folders (``step<NNNNNNNN>``) in ``out_dir``, oldest step first."""
+    ckpt = Path(out_dir) / CKPT_SUBDIR
+    return sorted(p.name for p in ckpt.glob("step*") if p.is_dir()) if ckpt.is_dir() else []
+
+
+def _tags_advice(tags: list[str], ckpt: Path) -> str:
+    if not tags:
+        return "pass --no-resume to start over (no checkpoint folder exists)"
+    return (f"write one of the checkpoint tags that exist ({', '.join(tags)}) into "
+            f"{ckpt / 'latest'} to resume from it, or pass --no-resume to start over")
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> str | None:
-    """Tag of the latest complete checkpoint in ``out_dir`` (DeepSpeed's ``latest``)."""
-    latest = Path(out_dir) / CKPT_SUBDIR / "latest"
+    """Tag of the latest checkpoint in ``out_dir`` (DeepSpeed's ``latest``), or None when
+    there is no ``latest`` file. A ``latest`` that is empty (a torn write) or names a
+    folder that is not there is a :class:`UserError` listing the tags that exist: never
+    a silent start from step 0 over the run's records."""
+    ckpt = Path(out_dir) / CKPT_SUBDIR
+    latest = ckpt / "latest"
     if not latest.is_file():
         return None
-    tag = latest.read_text().strip()
-    return tag if (latest.parent / tag).is_dir() else None
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        tag = ""
+    tags = checkpoint_tags(out_dir)
+    if not tag:
+        raise UserError(f"{latest}: empty or unreadable (a torn write?); "
+                        + _tags_advice(tags, ckpt))
+    if "/" in tag or not (ckpt / tag).is_dir():
+        raise UserError(f"{latest}: names checkpoint {tag!r}, which is not in {ckpt}; "
+                        + _tags_advice(tags, ckpt))
+    return tag
+
+
+def verify_checkpoint(out_dir: str | os.PathLike, tag: str,
+                      say: Any = None) -> bool:
+    """Check checkpoint ``tag`` against its ``checksums.json`` (written by rank 0 after
+    every rank's files, :mod:`lmspec.integrity`); False when it has none (older version,
+    or a process stopped between DeepSpeed's save and the list), after a warning through
+    ``say``. A bad file is a :class:`UserError` naming it and the previous tag."""
+    ckpt = Path(out_dir) / CKPT_SUBDIR
+    older = [t for t in checkpoint_tags(out_dir) if t < tag]
+    if older:
+        todo = (f"write {older[-1]} (the previous checkpoint) into {ckpt / 'latest'} to "
+                "resume from it, or pass --no-resume to start over")
+    else:
+        todo = "pass --no-resume to start over (there is no earlier checkpoint)"
+    if integrity.verify_checksums(ckpt / tag, todo):
+        return True
+    if say is not None:
+        say(f"warning: {ckpt / tag} has no {integrity.CHECKSUMS} (written by an older "
+            "version, or the run stopped right after the save): resuming from it unverified")
+    return False
 
 
 def _device_name(device: torch.device) -> str:
@@ -227,7 +279,12 @@ class Trainer:
         from torchlm.gather import set_master_params
 
         start = 0
-        if self.targs.resume and latest_checkpoint(self.out_dir):
+        tag = latest_checkpoint(self.out_dir) if self.targs.resume else None
+        if tag is not None:
+            if os.environ.get(VERIFIED_ENV) != str(self.ckpt_dir / tag):
+                verify_checkpoint(self.out_dir, tag,
+                                  say=lambda m: print(m, file=sys.stderr) if self.rank == 0
+                                  else None)
             path, client = self.engine.load_checkpoint(
                 str(self.ckpt_dir), load_optimizer_states=True, load_lr_scheduler_states=True
             )
@@ -395,12 +452,14 @@ class Trainer:
         return self._all_mean(total / count)
 
     def save_checkpoint(self, step: int) -> None:
-        """DeepSpeed checkpoint ``step<NNNNNNNN>`` (next step to run as client state);
+        """DeepSpeed checkpoint ``step<NNNNNNNN>`` (next step to run as client state),
+        then, once every rank's files are written, its ``checksums.json`` (rank 0);
         keeps the newest ``train.ckpt_keep``."""
         tag = f"step{step:08d}"
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": step})
-        dist.barrier()
+        dist.barrier()  # every rank's files are complete
         if self.rank == 0:
+            integrity.write_checksums(self.ckpt_dir / tag)
             # oldest first by write time (a --no-resume run may follow higher-step tags)
             dirs = sorted((p for p in self.ckpt_dir.glob("step*") if p.is_dir()),
                           key=lambda p: (p.stat().st_mtime_ns, p.name))
