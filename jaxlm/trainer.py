@@ -396,6 +396,8 @@ def _loop(run: Run, program: Program, rec: Recorder, dumps: Dumps) -> None:
     t = run.cfg.train
     state = run.state
     run.state = {}  # donated by the first step: no stale reference
+    if run.start:
+        rec.guard.last_checkpoint = str(run.ckpts.step_dir(run.start))
     batch = run.batches.train(run.start) if run.start < t.steps else None
     for step in range(run.start, t.steps):
         dispatched = time.perf_counter()
@@ -412,9 +414,11 @@ def _loop(run: Run, program: Program, rec: Recorder, dumps: Dumps) -> None:
                                           for i in range(t.eval_batches)])
         if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
             # records go out before their checkpoint: a crash in between resumes from
-            # the previous checkpoint, and MetricsWriter drops the later records
+            # the previous checkpoint, and MetricsWriter drops the later records; writing
+            # them checks every step so far (nan_policy), so no save follows a bad step
             rec.flush()
             run.ckpts.save(done, state, run.checkpoint_meta(done))
+            rec.guard.last_checkpoint = str(run.ckpts.step_dir(done))
         batch = next_batch
     rec.flush()
 

@@ -77,8 +77,13 @@ def _main(argv: Sequence[str] | None) -> int:
         worker_args.append("--no-resume")
     if not targs.progress:
         worker_args.append("--no-progress")
+    from lmspec.nonfinite import EXIT_NON_FINITE, NonFiniteError
+
     try:
         return launch(cfg, worker_args)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

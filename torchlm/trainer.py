@@ -53,7 +53,9 @@ from lmspec import flops, integrity
 from lmspec.config import ConfigError, ExperimentConfig, load_config, save_config
 from lmspec.data import Dataset, combine_row_digests, fingerprint_parts, row_digests
 from lmspec.errors import UserError
+from lmspec.io import atomic_write_json
 from lmspec.metrics import MetricsWriter
+from lmspec.nonfinite import EXIT_NON_FINITE, STOP_FILE, Guard, NonFiniteError
 from lmspec.runs import (
     add_train_args,
     peak_rss_bytes,
@@ -246,6 +248,9 @@ class Trainer:
         """Train to ``train.steps``; returns the run summary on rank 0."""
         t = self.cfg.train
         start = self.restore_or_init()
+        self.guard = Guard(t.nan_policy)
+        if start:
+            self.guard.last_checkpoint = str(self.ckpt_dir / f"step{start:08d}")
         writer = self.open_metrics(start)
         bar = tqdm(total=t.steps, initial=start, disable=self.rank != 0 or not self.targs.progress,
                    desc="torchlm train",
@@ -260,8 +265,21 @@ class Trainer:
             self.gather_step(out)  # the step's one device -> host transfer
             step_times.append(time.perf_counter() - t0 - out.excluded_s)
             record = self.make_record(step, out, step_times[-1])
-            self.maybe_evaluate(step, record)
+            try:  # checked before any save: no checkpoint follows a bad step
+                finite, stop = self.check_finite(step, record), None
+            except NonFiniteError as e:
+                finite, stop = False, e
+            if not finite:
+                record["update_skipped"] = stop is None or self.update_skipped()
+            else:
+                self.maybe_evaluate(step, record)
             self.log_record(writer, bar, record)
+            if stop is not None:
+                bar.close()
+                if writer is not None:
+                    writer.close()
+                self.write_stop(stop)
+                raise stop
             final_loss = record["loss"]
             self.maybe_save(step)
         bar.close()
@@ -385,6 +403,29 @@ class Trainer:
             "wall_time": time.time(),
         }
 
+    def update_skipped(self) -> bool:
+        """Whether DeepSpeed left the last step's update out: its ZeRO 1-3 and bf16
+        optimizers do so on a non-finite grad norm (``overflow``); ZeRO 0 in fp32 steps
+        a plain torch optimizer, which applies it."""
+        return bool(getattr(self.engine.optimizer, "overflow", False))
+
+    def check_finite(self, step: int, record: dict[str, Any]) -> bool:
+        """``train.nan_policy`` on this step's loss and grad norm (every rank holds the
+        same all-reduced values, so every rank decides alike)."""
+        loss, norm = record["loss"], record["grad_norm"]
+        if math.isfinite(loss) and math.isfinite(norm):
+            return True
+        return self.guard.check(step, loss, norm, update_skipped=self.update_skipped())
+
+    def write_stop(self, stop: NonFiniteError) -> None:
+        """Rank 0: ``stopped.json`` in the run folder, for the launcher (exit status 3)."""
+        if self.rank == 0:
+            if LAUNCH_TIME_ENV not in os.environ:  # else the launcher prints it
+                print(f"error: {stop}", file=sys.stderr)
+            atomic_write_json(self.out_dir / STOP_FILE, {
+                "reason": "non-finite", "message": str(stop),
+                "launch_time": os.environ.get(LAUNCH_TIME_ENV)})
+
     def maybe_evaluate(self, step: int, record: dict[str, Any]) -> None:
         """``val_loss`` every ``train.eval_every`` steps and at the last one."""
         t = self.cfg.train
@@ -467,6 +508,7 @@ class Trainer:
                 if old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
+        self.guard.last_checkpoint = str(self.ckpt_dir / tag)
 
     def export_weights(self, path: str | os.PathLike) -> None:
         """Consolidated fp32 master weights, HF names (collective; rank 0 writes)."""
@@ -535,6 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                verbose=False)
     try:
         Trainer(cfg, args).run()
+    except NonFiniteError:  # printed by rank 0 (Trainer.write_stop)
+        # under `torchlm train` the launcher turns stopped.json into exit status 3; a
+        # worker exit status would only add torchrun's failure report and traceback
+        return 0 if LAUNCH_TIME_ENV in os.environ else EXIT_NON_FINITE
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
