@@ -17,6 +17,7 @@ dispatched (:mod:`jaxlm.recorder`), and checkpoints are written in the backgroun
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -290,6 +291,9 @@ def _restore(ckpts: Checkpoints, latest: int, setup: Setup, cfg: ExperimentConfi
                     ("model", "train.scan_layers"), where)
     try:
         state, meta = ckpts.restore(latest, setup.abstract_state)
+    except json.JSONDecodeError as e:  # a ValueError, but a damaged file, not a misfit
+        raise UserError(f"cannot resume from {where}: a metadata file is not valid JSON "
+                        f"({e}); {todo}") from e
     except (ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(

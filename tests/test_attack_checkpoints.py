@@ -222,6 +222,46 @@ def test_torch_fault_refused(fault, torch_run, tmp_path, capsys) -> None:
         assert "step00000001 (the previous checkpoint)" in line, line
 
 
+def test_checkpoint_without_checksums_warns_then_still_refuses_damage(jax_run, tmp_path,
+                                                                      capsys) -> None:
+    """An older checkpoint (no list) is taken with a warning; what Orbax cannot parse is
+    still one error line naming the folder, files unchanged."""
+    case = _copy(jax_run, tmp_path)
+    (case / JAX_CKPT / CHECKSUMS).unlink()
+    _garbage(case / JAX_CKPT / "state" / "_METADATA")
+    before = tree_hashes(case)
+    capsys.readouterr()
+    rc = jax_cli(_args(case, case / "run", "train.steps=4"))
+    err = capsys.readouterr().err
+    _assert_refused(rc, err, case / JAX_CKPT, before, case)
+    assert f"warning: {case / JAX_CKPT} has no {CHECKSUMS}" in err, err[-3000:]
+
+
+def test_latest_checkpoint_and_nan_policy_validation(tmp_path) -> None:
+    from lmspec.config import ConfigError, load_config
+    from lmspec.errors import UserError
+    from lmspec.nonfinite import Guard, NonFiniteError
+    from torchlm.trainer import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path) is None  # no checkpoints yet: a fresh start
+    (tmp_path / "checkpoints" / "step00000003").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step00000003\n")
+    assert latest_checkpoint(tmp_path) == "step00000003"
+    (tmp_path / "checkpoints" / "latest").write_text("../elsewhere")
+    with pytest.raises(UserError, match="step00000003"):
+        latest_checkpoint(tmp_path)
+    for bad in ("skip", "skip:-1", "nan", "skip:1x"):
+        with pytest.raises(ConfigError, match="train.nan_policy"):
+            load_config(CONFIG, [f"train.nan_policy={bad}"])
+    guard = Guard("skip:1", last_checkpoint="ck/2")
+    assert guard.check(0, 1.0, 2.0)
+    assert not guard.check(1, float("nan"), 2.0)
+    with pytest.raises(NonFiniteError, match=r"step 2: grad_norm inf.*ck/2"):
+        guard.check(2, 1.0, float("inf"))
+    with pytest.raises(NonFiniteError, match="its update was applied"):
+        Guard("skip:5").check(0, float("nan"), 1.0, update_skipped=False)
+
+
 def test_checkpoints_carry_checksums(jax_run, torch_run) -> None:
     for folder in [jax_run / "run/checkpoints/1", jax_run / "run/checkpoints/2",
                    torch_run / "run/checkpoints/step00000001", torch_run / DS_CKPT]:
