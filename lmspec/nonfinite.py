@@ -57,11 +57,13 @@ class Guard:
             self.skipped.append(step)
             return False
         last = self.last_checkpoint or "none (no checkpoint was written)"
-        why = (f"more than {allowed} non-finite steps ({self.skipped + [step]})" if allowed
-               else "non-finite")
-        applied = "" if update_skipped else "; its update was applied"
+        if not update_skipped:
+            why = "its update was applied, so it cannot be skipped"
+        elif allowed:
+            why = f"more than {allowed} non-finite steps: {self.skipped + [step]}"
+        else:
+            why = "non-finite"
         raise NonFiniteError(
-            f"step {step}: {' and '.join(bad)}: stopped ({why}, train.nan_policy="
-            f"{self.policy}){applied}; nothing was saved after the last good checkpoint: "
-            f"{last}"
+            f"step {step}: {' and '.join(bad)}: stopped ({why}; train.nan_policy="
+            f"{self.policy}); nothing was saved after the last good checkpoint: {last}"
         )
