@@ -14,9 +14,10 @@ that step whatever the next steps do with the device buffers: on GPUs the host c
 a copy, and on CPU, where the host view shares the device buffer, JAX does not donate a
 buffer that a host view still references.
 
-Integrity: once a save is complete on disk (the next save, :meth:`Checkpoints.wait` or
-:meth:`Checkpoints.close`), process 0 writes ``<step>/checksums.json`` (size and sha256
-of every file, :mod:`lmspec.integrity`), last and atomically. :meth:`Checkpoints.verify`
+Integrity: once a save is complete on disk, process 0 writes ``<step>/checksums.json``
+(size and sha256 of every file, :mod:`lmspec.integrity`), last and atomically: with one
+process from a background thread while training goes on, with several at the next save,
+:meth:`Checkpoints.wait` or :meth:`Checkpoints.close`. :meth:`Checkpoints.verify`
 checks a step against it before anything is restored; a mismatch, a missing or truncated
 file, or an unreadable list is a :class:`~lmspec.errors.UserError` naming the file and the
 previous checkpoint. A step without the list (written before checksums existed, or by a
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,8 @@ class Checkpoints:
                  asynchronous: bool = True) -> None:
         self.directory = checkpoint_dir(out_dir)
         self._unsealed: int | None = None  # saved step whose checksums are not written
+        self._sealer: threading.Thread | None = None
+        self._seal_error: BaseException | None = None
         self.removed_partial = [] if read_only else _remove_partial(self.directory)
         if read_only:
             options = ocp.CheckpointManagerOptions(
@@ -102,7 +106,9 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start saving ``state`` as checkpoint ``step`` (after the previous save is done);
-        returns when the arrays are on the host, before the files are written."""
+        returns when the arrays are on the host, before the files are written. With one
+        process, a background thread waits for the files and then writes the checksums
+        (hashlib and file reads release the GIL: the hashing overlaps training)."""
         self.wait()
         self.manager.save(
             step,
@@ -111,16 +117,35 @@ class Checkpoints:
             force=True,
         )
         self._unsealed = step
+        if jax.process_count() == 1:  # several: Orbax's wait has barriers, keep it in line
+            self._sealer = threading.Thread(target=self._seal_in_background,
+                                            name="jaxlm-checksums", daemon=True)
+            self._sealer.start()
 
-    def wait(self) -> None:
-        """Block until the save in flight (if any) is complete on disk, then write its
-        checksums (process 0)."""
+    def _seal_in_background(self) -> None:
+        try:
+            self._seal()
+        except BaseException as e:  # noqa: BLE001 - re-raised by wait() on the main thread
+            self._seal_error = e
+
+    def _seal(self) -> None:
         self.manager.wait_until_finished()
         step, self._unsealed = self._unsealed, None
         if step is not None and jax.process_index() == 0:
             folder = self.step_dir(step)
             if folder.is_dir():
                 integrity.write_checksums(folder)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is complete on disk and its checksums
+        are written (process 0)."""
+        sealer, self._sealer = self._sealer, None
+        if sealer is not None:
+            sealer.join()
+            error, self._seal_error = self._seal_error, None
+            if error is not None:
+                raise error
+        self._seal()
 
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
