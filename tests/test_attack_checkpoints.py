@@ -168,7 +168,9 @@ JAX_FAULTS: dict[str, Callable[[Path], Path]] = {
 
 DS_CKPT = "run/checkpoints/step00000002"
 TORCH_FAULTS: dict[str, Callable[[Path], Path]] = {
-    "latest_empty": lambda c: _zero(c / "run" / "checkpoints" / "latest"),
+    "latest_empty": lambda c: (
+        (c / "run/checkpoints/latest").write_text(""), c / "run/checkpoints/latest")[1],
+    "latest_zeroed": lambda c: _zero(c / "run" / "checkpoints" / "latest"),
     "latest_names_missing_tag": lambda c: (
         (c / "run/checkpoints/latest").write_text("step00000009"), c / "run/checkpoints/latest"
     )[1],
@@ -218,6 +220,8 @@ def test_torch_fault_refused(fault, torch_run, tmp_path, capsys) -> None:
     line = _assert_refused(rc, capsys.readouterr().err, named, before, case)
     if "latest" in fault:  # the tags that exist are offered
         assert "step00000001, step00000002" in line, line
+        if fault != "latest_names_missing_tag":
+            assert "empty or unreadable (a torn write?)" in line, line
     elif "checkpoints" in str(named):
         assert "step00000001 (the previous checkpoint)" in line, line
 

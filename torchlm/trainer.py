@@ -102,7 +102,7 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> str | None:
     if not latest.is_file():
         return None
     try:
-        tag = latest.read_text().strip()
+        tag = latest.read_text().strip().strip("\x00")  # a torn write may leave NULs
     except (OSError, UnicodeDecodeError):
         tag = ""
     tags = checkpoint_tags(out_dir)
