@@ -1,12 +1,14 @@
 """``jaxlm`` command line: ``jaxlm train`` and ``jaxlm generate``.
 
 Thin: argument parsing only; the work is in :mod:`jaxlm.trainer` and
-:mod:`jaxlm.generate`. User mistakes exit 2 with ``error: ...`` (``lmspec.cli.run``).
+:mod:`jaxlm.generate`. User mistakes exit 2 with ``error: ...`` (``lmspec.cli.run``);
+a run stopped on a non-finite loss or grad norm exits 3 (:mod:`lmspec.nonfinite`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from lmspec.cli import config_from_args, run
@@ -45,9 +47,14 @@ def _train(args: argparse.Namespace) -> int:
 
     maybe_initialize(cfg.distributed)
     from jaxlm.trainer import train
+    from lmspec.nonfinite import EXIT_NON_FINITE, NonFiniteError
 
-    train(cfg, init_weights=flags.init_weights, dump_grads=flags.dump_grads,
-          dump_params=flags.dump_params, resume=flags.resume, progress=flags.progress)
+    try:
+        train(cfg, init_weights=flags.init_weights, dump_grads=flags.dump_grads,
+              dump_params=flags.dump_params, resume=flags.resume, progress=flags.progress)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
     return 0
 
 

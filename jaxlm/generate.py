@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -53,7 +54,11 @@ def load_params(path: str | os.PathLike) -> tuple[ExperimentConfig, dict, int]:
         elif step not in ckpts.all_steps():
             raise UserError(f"no complete checkpoint for step {step} in "
                                     f"{ckpts.directory}")
-        meta = ckpts.read_meta(step)
+        todo = f"choose another checkpoint folder of {ckpts.directory}"
+        if not ckpts.verify(step, todo):
+            print(f"warning: {ckpts.step_dir(step)} has no checksums (older version): "
+                  "not verified", file=sys.stderr)
+        meta = ckpts.read_meta(step, todo)
         if "config" in meta:
             cfg = from_dict(meta["config"])
         else:

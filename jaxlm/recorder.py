@@ -7,6 +7,11 @@ is ``ready[n] - max(ready[n - 1], dispatched[n])``: the device was busy with ste
 from the later of the previous step's end and its own dispatch until its metrics were
 ready. In steady state (the device always has a step queued) this is the device's step
 time; pauses between steps (saves, evaluation, dumps) are not counted.
+
+Non-finite guard: each step's loss and grad norm are checked against
+``train.nan_policy`` as its record is written (:class:`lmspec.nonfinite.Guard`), so one
+step late; the trainer flushes every record before a save, so no checkpoint follows an
+unchecked step.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from jaxlm import batches as fb
 from lmspec import flops
 from lmspec.config import ExperimentConfig
 from lmspec.metrics import MetricsWriter
+from lmspec.nonfinite import Guard, NonFiniteError
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Recorder:
 
             self.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
                             dynamic_ncols=True)
+        self.guard = Guard(cfg.train.nan_policy)
         self.pending: list[_Pending] = []
         self.step_times: list[float] = []
         self.losses: dict[int, float] = {}
@@ -94,8 +101,18 @@ class Recorder:
         self.losses[p.step] = loss
         fps = fb.fingerprints(p.batch, self.cfg.train.micro_batch_size)
         fb.forget(p.step)
-        if not self.main:
-            return
+        try:
+            finite, stop = self.guard.check(p.step, loss, float(m["grad_norm"])), None
+        except NonFiniteError as e:  # the step's record is written, then the run stops
+            finite, stop = False, e
+            self.pending.clear()  # the steps dispatched after it are not recorded
+        if self.main:
+            self._record(p, m, loss, dt, fps, finite)
+        if stop is not None:
+            raise stop
+
+    def _record(self, p: _Pending, m: Any, loss: float, dt: float, fps: Any,
+                finite: bool) -> None:
         assert fps is not None
         tps = self.tokens_per_step / dt / self.num_devices
         rec: dict[str, Any] = {
@@ -105,6 +122,8 @@ class Recorder:
             "batch_fingerprint": fps[0], "batch_fingerprint_parts": fps[1],
             "wall_time": time.time(),
         }
+        if not finite:
+            rec["update_skipped"] = True  # (also on the step that stopped the run)
         for name, values in p.extra.items():
             rec[name] = float(np.mean([float(v) for v in jax.device_get(values)]))
         self.writer.write(rec)

@@ -110,7 +110,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     """``step(state, windows_mbt1) -> (state, metrics[, grads])`` for ``jax.jit``.
 
     ``state`` is ``{"params", "opt", "step"}``; metrics hold the global-batch loss
-    before the update, the pre-clip global grad norm and the LR used.
+    before the update, the pre-clip global grad norm and the LR used. When the loss or
+    the norm is not finite the update is not applied (``step`` still counts it).
     """
     loss_fn = make_loss_fn(graphdef, precision)
     table_j = jnp.asarray(lr_table)
@@ -121,6 +122,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         grad_norm = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
+        # a non-finite step leaves params and optimizer state as they were (the host
+        # decides, a step later, whether to go on: lmspec.nonfinite); selecting inside
+        # the update's fusion costs no extra pass and no host sync
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_params, opt = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                       (new_params, opt), (params, state["opt"]))
         s = state["step"]
         metrics = {
             "loss": loss,

@@ -17,6 +17,7 @@ dispatched (:mod:`jaxlm.recorder`), and checkpoints are written in the backgroun
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -43,7 +44,7 @@ from jaxlm.model import Llama, compute_dtype
 from jaxlm.recorder import Recorder
 from jaxlm.step import make_eval_step, make_optimizer, make_train_step
 from jaxlm.weights import hf_to_params, params_to_hf
-from lmspec import runs
+from lmspec import integrity, runs
 from lmspec import weights as lw
 from lmspec.config import ConfigError, ExperimentConfig, check_resumable, save_config
 from lmspec.data import Dataset
@@ -254,7 +255,7 @@ def open_run(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None,
     if latest is None:
         state, start = init_state(setup, init_tensors), 0
     else:
-        state, start = _restore(ckpts, latest, setup, cfg)
+        state, start = _restore(ckpts, latest, setup, cfg, say)
         say(f"resumed from {ckpts.directory / str(latest)} (step {start})")
         if init_tensors is not None:
             say("note: --init-weights ignored, the checkpoint's weights are used")
@@ -280,19 +281,32 @@ def _prepare_out_dir(out: Path, cfg: ExperimentConfig, resume: bool, main: bool,
     return ckpts
 
 
-def _restore(ckpts: Checkpoints, latest: int, setup: Setup, cfg: ExperimentConfig
-             ) -> tuple[dict, int]:
-    where = ckpts.directory / str(latest)
-    check_resumable(ckpts.read_meta(latest).get("config"), cfg, ("model", "train.scan_layers"),
-                    where)
+def _restore(ckpts: Checkpoints, latest: int, setup: Setup, cfg: ExperimentConfig,
+             say: Callable[[str], None]) -> tuple[dict, int]:
+    """Verify checkpoint ``latest`` (checksums, then its record), then restore it; every
+    problem is a :class:`UserError` raised before anything in the run folder is written."""
+    where = ckpts.step_dir(latest)
+    todo = ckpts.resume_advice(latest)
+    if not ckpts.verify(latest, todo):
+        say(f"warning: {where} has no {integrity.CHECKSUMS} (written by an older version, "
+            "or the process stopped right after the save): resuming from it unverified")
+    check_resumable(ckpts.read_meta(latest, todo).get("config"), cfg,
+                    ("model", "train.scan_layers"), where)
     try:
         state, meta = ckpts.restore(latest, setup.abstract_state)
+    except json.JSONDecodeError as e:  # a ValueError, but a damaged file, not a misfit
+        raise UserError(f"cannot resume from {where}: a metadata file is not valid JSON "
+                        f"({e}); {todo}") from e
     except (ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"cannot resume from {where}: its state does not fit this config ({first}); "
             "pass --no-resume to start over or choose another train.out_dir"
         ) from e
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore errors for unreadable files
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot resume from {where}: its files cannot be read ({first}); "
+                        f"{todo}") from e
     return state, int(meta["step"])
 
 
@@ -389,6 +403,8 @@ def _loop(run: Run, program: Program, rec: Recorder, dumps: Dumps) -> None:
     t = run.cfg.train
     state = run.state
     run.state = {}  # donated by the first step: no stale reference
+    if run.start:
+        rec.guard.last_checkpoint = str(run.ckpts.step_dir(run.start))
     batch = run.batches.train(run.start) if run.start < t.steps else None
     for step in range(run.start, t.steps):
         dispatched = time.perf_counter()
@@ -405,9 +421,11 @@ def _loop(run: Run, program: Program, rec: Recorder, dumps: Dumps) -> None:
                                           for i in range(t.eval_batches)])
         if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
             # records go out before their checkpoint: a crash in between resumes from
-            # the previous checkpoint, and MetricsWriter drops the later records
+            # the previous checkpoint, and MetricsWriter drops the later records; writing
+            # them checks every step so far (nan_policy), so no save follows a bad step
             rec.flush()
             run.ckpts.save(done, state, run.checkpoint_meta(done))
+            rec.guard.last_checkpoint = str(run.ckpts.step_dir(done))
         batch = next_batch
     rec.flush()
 

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from lmspec.errors import UserError
+from lmspec.nonfinite import POLICY_RE
 
 
 class ConfigError(UserError):
@@ -221,6 +222,7 @@ class TrainConfig:
     scan_layers: bool = True
     attention: str = "auto"  # auto | xla | cudnn (GPU only)
     warmup_steps_excluded: int = 2  # steps left out of throughput figures
+    nan_policy: str = "stop"  # stop | skip:N (lmspec.nonfinite)
 
     def validate(self, prefix: str = "train") -> None:
         _positive(f"{prefix}.steps", self.steps)
@@ -237,6 +239,9 @@ class TrainConfig:
         _choice(f"{prefix}.attention", self.attention, ATTENTION_IMPLS)
         if not self.out_dir:
             raise ConfigError(f"{prefix}.out_dir must not be empty")
+        if not POLICY_RE.fullmatch(self.nan_policy):
+            raise ConfigError(f"{prefix}.nan_policy={self.nan_policy!r}: allowed are 'stop' and "
+                              "'skip:N' (N non-finite steps skipped before stopping)")
 
 
 @dataclass(frozen=True, kw_only=True)

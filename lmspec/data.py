@@ -5,7 +5,10 @@ with the tokenizer's eos id into one token stream, cached on disk as a memmap
 (``tokens.bin``, uint16 when the vocabulary fits, else uint32) plus ``manifest.json``,
 in a folder keyed by the content hash (source hash, tokenizer hash, ``max_bytes``).
 The token file is written first and the manifest last, both by atomic rename, so a
-killed build leaves nothing that a later build takes as valid.
+killed build leaves nothing that a later build takes as valid. The manifest records the
+token file's sha256, checked on every load: a cache whose manifest is there but does not
+match its token file (size, dtype, contents) is refused with an error naming the file,
+never used and never rebuilt over (delete the folder to rebuild it).
 
 The last ``val_fraction`` of the stream is the validation split. Train and validation
 are cut into non-overlapping windows of ``seq_len + 1`` tokens. Sample ``i = step * B +
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from lmspec import integrity
 from lmspec.config import DataConfig, ExperimentConfig
 from lmspec.errors import UserError, UserFileNotFoundError
 from lmspec.io import atomic_write, atomic_write_json, file_lock
@@ -328,21 +332,60 @@ def _cache_key(source_hash: str, tokenizer_hash: str, max_bytes: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _cache_todo(folder: Path) -> str:
+    return (f"the token cache {folder} is corrupt: delete that folder to rebuild it "
+            "(nothing was changed)")
+
+
+def _check_token_file(manifest_path: Path, manifest: dict[str, Any], todo: str) -> None:
+    """The token file a manifest describes: the dtype allowed (and, for a cache built
+    here, the one its vocabulary needs), the size it implies, and its sha256 when the
+    manifest records one. Raises :class:`UserError` naming the file and ending ``todo``."""
+    dtype = manifest.get("dtype")
+    if dtype not in ("uint16", "uint32"):
+        raise UserError(f"{manifest_path}: dtype {dtype!r} (allowed: uint16, uint32); {todo}")
+    if manifest.get("format") == "lmspec-tokens" and "vocab_size" in manifest \
+            and dtype != token_dtype(int(manifest["vocab_size"])).name:
+        raise UserError(f"{manifest_path}: dtype {dtype} does not match vocab_size "
+                        f"{manifest['vocab_size']}, which this version stores as "
+                        f"{token_dtype(int(manifest['vocab_size'])).name}; {todo}")
+    tok = manifest_path.parent / str(manifest.get("token_file", TOKEN_FILE))
+    if not tok.is_file():
+        raise UserError(f"{tok}: missing (described by {manifest_path}); {todo}")
+    expected = int(manifest["num_tokens"]) * np.dtype(dtype).itemsize
+    size = tok.stat().st_size
+    if size != expected:
+        raise UserError(f"{tok}: {size} bytes, but {manifest_path} says {manifest['num_tokens']} "
+                        f"{dtype} tokens ({expected} bytes); {todo}")
+    digest = manifest.get("sha256")
+    if digest is not None and integrity.file_sha256(tok) != digest:
+        raise UserError(f"{tok}: contents changed since it was written (sha256 differs from "
+                        f"{manifest_path}); {todo}")
+
+
 def _manifest_valid(folder: Path, expect: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest in ``folder`` if it matches ``expect`` and its token file is whole."""
+    """The manifest in ``folder`` after checking its token file (size, dtype, sha256);
+    None when there is no manifest (never built, or a build was killed before its end).
+    A manifest that is there but wrong is a :class:`UserError`: the cache is refused, not
+    rebuilt over, so the bad files stay for inspection."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    todo = _cache_todo(folder)
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if any(manifest.get(k) != v for k, v in expect.items()):
-        return None
-    tok = folder / manifest.get("token_file", TOKEN_FILE)
-    try:
-        size = tok.stat().st_size
-    except FileNotFoundError:
-        return None
-    if size != manifest["num_tokens"] * np.dtype(manifest["dtype"]).itemsize:
-        return None
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not an object")
+        int(manifest["num_tokens"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a valid token manifest ({e}); {todo}") from None
+    wrong = [k for k, v in expect.items() if manifest.get(k) != v]
+    if wrong:
+        raise UserError(f"{path}: fields {wrong} do not match this cache key; {todo}")
+    _check_token_file(path, manifest, todo)
+    if "sha256" not in manifest:
+        print(f"warning: {path} has no sha256 of its tokens (written by an older version); "
+              f"delete {folder} to rebuild it with one", file=sys.stderr)
     return manifest
 
 
@@ -433,6 +476,8 @@ def build_token_cache(data: DataConfig, progress: bool | None = None,
             atomic_write(folder / TOKENIZER_FILE,
                          lambda tmp: shutil.copyfile(tokenizer.path, tmp))
         atomic_write(folder / TOKEN_FILE, tokens.tofile)
+        # the checksum of what is on disk (what a later run will read and compare)
+        digest = integrity.file_sha256(folder / TOKEN_FILE)
         manifest = {
             **expect,
             "format": "lmspec-tokens",
@@ -448,6 +493,7 @@ def build_token_cache(data: DataConfig, progress: bool | None = None,
             "num_tokens": int(tokens.size),
             "dtype": dtype.name,
             "token_file": TOKEN_FILE,
+            "sha256": digest,
         }
         # the manifest goes last: without it the token file is never taken as valid
         atomic_write_json(folder / MANIFEST, manifest)
@@ -529,18 +575,8 @@ def open_token_file(data: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
             f"data.source={src!r}: {manifest_path} describes {manifest['token_file']!r}, "
             f"not {p.name!r}"
         )
-    if manifest["dtype"] not in ("uint16", "uint32"):
-        raise UserError(f"data.source={src!r}: dtype {manifest['dtype']!r}: allowed are "
-                         "['uint16', 'uint32']")
-    tok_path = folder / manifest["token_file"]
-    expected = int(manifest["num_tokens"]) * np.dtype(manifest["dtype"]).itemsize
-    if not tok_path.is_file():
-        raise UserFileNotFoundError(f"data.source={src!r}: token file {tok_path} is missing")
-    if tok_path.stat().st_size != expected:
-        raise UserError(
-            f"data.source={src!r}: {tok_path} holds {tok_path.stat().st_size} bytes, the "
-            f"manifest says {manifest['num_tokens']} {manifest['dtype']} tokens ({expected})"
-        )
+    _check_token_file(manifest_path, manifest,
+                      f"fix or rebuild the token file (data.source={src!r})")
     spec = manifest.get("tokenizer")
     tokenizer: Tokenizer
     if spec == "byte":

@@ -29,7 +29,8 @@ REQUIRED_FIELDS = (
     "batch_fingerprint",
     "wall_time",
 )
-OPTIONAL_FIELDS = ("val_loss", "batch_fingerprint_parts")
+# update_skipped: true on a non-finite step that train.nan_policy=skip:N let pass
+OPTIONAL_FIELDS = ("val_loss", "batch_fingerprint_parts", "update_skipped")
 
 
 class MetricsWriter:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,6 +18,7 @@ import pytest
 import lmspec.data as data_mod
 from lmspec.config import ConfigError, load_config
 from lmspec.data import Dataset, fingerprint
+from lmspec.errors import UserError
 from lmspec.tokenizer import ByteTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -429,10 +431,15 @@ def test_cache_reused_without_rewrite(tmp_path):
     ds4 = Dataset.from_config(cfg)
     assert ds4.path != path1
     del ds3, ds4
-    # a token file that does not match its manifest is rebuilt, not used
+    # a token file that does not match its manifest is refused (left as it is), not used
+    # and not rebuilt over; once the folder is deleted it is rebuilt
     with open(tok, "r+b") as fh:
         fh.truncate(100)
     f.write_text(distinct_text(10_000), encoding="utf-8")
+    with pytest.raises(UserError, match=r"tokens\.bin: 100 bytes.*delete that folder"):
+        Dataset.from_config(cfg)
+    assert tok.stat().st_size == 100
+    shutil.rmtree(tok.parent)
     ds6 = Dataset.from_config(cfg)
     assert ds6.path == tok.parent and tok.stat().st_size == 2 * 10_000
     np.testing.assert_array_equal(ds6.global_batch(4), batch4)
@@ -570,7 +577,7 @@ def test_token_file_ids_outside_vocabulary(tmp_path):
     _write_token_file(tmp_path / "cut", ok, vocab_size=300)
     with open(tmp_path / "cut" / "tokens.bin", "r+b") as fh:
         fh.truncate(1000)
-    with pytest.raises(ValueError, match="manifest says 2000"):
+    with pytest.raises(ValueError, match="manifest.json says 2000"):
         Dataset.from_config(make_cfg(tmp_path, f"tokens:{tmp_path / 'cut'}", "data.seq_len=9"))
 
 

@@ -80,23 +80,36 @@ def _main(argv: Sequence[str] | None) -> int:
         worker_args.append("--no-resume")
     if not targs.progress:
         worker_args.append("--no-progress")
+    from lmspec.nonfinite import EXIT_NON_FINITE, NonFiniteError
+
     try:
         return launch(cfg, worker_args)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
 def _check_resumable(cfg: ExperimentConfig) -> None:
-    """Before any worker starts: refuse, naming the keys, to resume a checkpoint written
-    for another model shape or ZeRO layout (DeepSpeed could not load it)."""
+    """Before any worker starts: refuse a ``latest`` naming no checkpoint, a checkpoint
+    whose files do not match their checksums, and, naming the keys, one written for
+    another model shape or ZeRO layout (DeepSpeed could not load it)."""
+    import os
+
     import yaml
 
     from lmspec.config import check_resumable
-    from torchlm.trainer import latest_checkpoint
+    from torchlm.trainer import VERIFIED_ENV, latest_checkpoint, verify_checkpoint
 
     out = Path(cfg.train.out_dir)
-    if not latest_checkpoint(out) or not (out / "config.yaml").is_file():
+    tag = latest_checkpoint(out)
+    if tag is None:
+        return
+    verify_checkpoint(out, tag, say=lambda m: print(m, file=sys.stderr))
+    os.environ[VERIFIED_ENV] = str(out / "checkpoints" / tag)  # the workers' environment
+    if not (out / "config.yaml").is_file():
         return
     saved = yaml.safe_load((out / "config.yaml").read_text())
     check_resumable(saved, cfg, ("model", "zero.stage", "zero.world_size"), out)

@@ -14,6 +14,7 @@ saved checkpoint (e.g. of a run that was stopped) and returns the fp32 master we
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from lmspec.config import ExperimentConfig, load_config
 from lmspec.weights import check_names, decays, param_shapes
-from torchlm.trainer import CKPT_SUBDIR, latest_checkpoint
+from torchlm.trainer import CKPT_SUBDIR, latest_checkpoint, verify_checkpoint
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -36,6 +37,7 @@ def checkpoint_weights(out_dir: str | os.PathLike, tag: str | None = None
     folder = out_dir / CKPT_SUBDIR / (tag or "")
     if not tag or not folder.is_dir():
         raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} in {out_dir / CKPT_SUBDIR}")
+    verify_checkpoint(out_dir, tag, say=lambda m: print(m, file=sys.stderr))
     if not any(folder.glob("*optim_states.pt")):  # ZeRO 0 keeps no partitioned states
         state = _zero0_weights(cfg, folder / MODEL_STATES)
     elif _is_bf16_optimizer(folder):

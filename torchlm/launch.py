@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmspec.config import ExperimentConfig
+from lmspec.nonfinite import STOP_FILE, NonFiniteError
 from torchlm.trainer import LAUNCH_TIME_ENV
 
 
@@ -86,15 +87,29 @@ def _rank_of(path: Path) -> int | None:
     return None
 
 
+def _non_finite_stop(cfg: ExperimentConfig, launch_time: str) -> str | None:
+    """The message rank 0 left in ``stopped.json`` if this launch's workers stopped on a
+    non-finite step (the file of an earlier launch has another ``launch_time``)."""
+    try:
+        data = json.loads((Path(cfg.train.out_dir) / STOP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("launch_time") != launch_time:
+        return None
+    return str(data.get("message"))
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def launch(cfg: ExperimentConfig, worker_args: Sequence[str]) -> int:
-    """Run the workers to completion; raise :class:`WorkerError` if one failed."""
+    """Run the workers to completion; raise :class:`WorkerError` if one failed, or
+    :class:`~lmspec.nonfinite.NonFiniteError` if they stopped on a non-finite step."""
     with tempfile.TemporaryDirectory(prefix="torchlm-run-") as log_dir:
         cmd = torchrun_command(cfg.zero.world_size, worker_args, log_dir)
-        proc = subprocess.Popen(cmd, env=_worker_env(cfg))
+        env = _worker_env(cfg)
+        proc = subprocess.Popen(cmd, env=env)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             rc = proc.wait()
@@ -108,6 +123,9 @@ def launch(cfg: ExperimentConfig, worker_args: Sequence[str]) -> int:
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
+        stop = _non_finite_stop(cfg, env[LAUNCH_TIME_ENV])
+        if stop is not None:
+            raise NonFiniteError(stop)
         if rc == 0:
             return 0
         cause = root_cause(log_dir)

@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -48,10 +49,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lmspec import flops
+from lmspec import flops, integrity
 from lmspec.config import ConfigError, ExperimentConfig, load_config, save_config
 from lmspec.data import Dataset, combine_row_digests, fingerprint_parts, row_digests
+from lmspec.errors import UserError
+from lmspec.io import atomic_write_json
 from lmspec.metrics import MetricsWriter
+from lmspec.nonfinite import EXIT_NON_FINITE, STOP_FILE, Guard, NonFiniteError
 from lmspec.runs import (
     add_train_args,
     peak_rss_bytes,
@@ -71,15 +75,65 @@ from torchlm.weights import load_numpy
 CKPT_SUBDIR = "checkpoints"
 FINAL_WEIGHTS = "model.safetensors"
 LAUNCH_TIME_ENV = "TORCHLM_LAUNCH_TIME"
+# set by the launcher to the checkpoint folder it verified, so workers do not hash again
+VERIFIED_ENV = "TORCHLM_VERIFIED_CHECKPOINT"
+
+
+def checkpoint_tags(out_dir: str | os.PathLike) -> list[str]:
+    """Checkpoint folders (``step<NNNNNNNN>``) in ``out_dir``, oldest step first."""
+    ckpt = Path(out_dir) / CKPT_SUBDIR
+    return sorted(p.name for p in ckpt.glob("step*") if p.is_dir()) if ckpt.is_dir() else []
+
+
+def _tags_advice(tags: list[str], ckpt: Path) -> str:
+    if not tags:
+        return "pass --no-resume to start over (no checkpoint folder exists)"
+    return (f"write one of the checkpoint tags that exist ({', '.join(tags)}) into "
+            f"{ckpt / 'latest'} to resume from it, or pass --no-resume to start over")
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> str | None:
-    """Tag of the latest complete checkpoint in ``out_dir`` (DeepSpeed's ``latest``)."""
-    latest = Path(out_dir) / CKPT_SUBDIR / "latest"
+    """Tag of the latest checkpoint in ``out_dir`` (DeepSpeed's ``latest``), or None when
+    there is no ``latest`` file. A ``latest`` that is empty (a torn write) or names a
+    folder that is not there is a :class:`UserError` listing the tags that exist: never
+    a silent start from step 0 over the run's records."""
+    ckpt = Path(out_dir) / CKPT_SUBDIR
+    latest = ckpt / "latest"
     if not latest.is_file():
         return None
-    tag = latest.read_text().strip()
-    return tag if (latest.parent / tag).is_dir() else None
+    try:
+        tag = latest.read_text().strip().strip("\x00")  # a torn write may leave NULs
+    except (OSError, UnicodeDecodeError):
+        tag = ""
+    tags = checkpoint_tags(out_dir)
+    if not tag:
+        raise UserError(f"{latest}: empty or unreadable (a torn write?); "
+                        + _tags_advice(tags, ckpt))
+    if "/" in tag or not (ckpt / tag).is_dir():
+        raise UserError(f"{latest}: names checkpoint {tag!r}, which is not in {ckpt}; "
+                        + _tags_advice(tags, ckpt))
+    return tag
+
+
+def verify_checkpoint(out_dir: str | os.PathLike, tag: str,
+                      say: Any = None) -> bool:
+    """Check checkpoint ``tag`` against its ``checksums.json`` (written by rank 0 after
+    every rank's files, :mod:`lmspec.integrity`); False when it has none (older version,
+    or a process stopped between DeepSpeed's save and the list), after a warning through
+    ``say``. A bad file is a :class:`UserError` naming it and the previous tag."""
+    ckpt = Path(out_dir) / CKPT_SUBDIR
+    older = [t for t in checkpoint_tags(out_dir) if t < tag]
+    if older:
+        todo = (f"write {older[-1]} (the previous checkpoint) into {ckpt / 'latest'} to "
+                "resume from it, or pass --no-resume to start over")
+    else:
+        todo = "pass --no-resume to start over (there is no earlier checkpoint)"
+    if integrity.verify_checksums(ckpt / tag, todo):
+        return True
+    if say is not None:
+        say(f"warning: {ckpt / tag} has no {integrity.CHECKSUMS} (written by an older "
+            "version, or the run stopped right after the save): resuming from it unverified")
+    return False
 
 
 def _device_name(device: torch.device) -> str:
@@ -194,6 +248,9 @@ class Trainer:
         """Train to ``train.steps``; returns the run summary on rank 0."""
         t = self.cfg.train
         start = self.restore_or_init()
+        self.guard = Guard(t.nan_policy)
+        if start:
+            self.guard.last_checkpoint = str(self.ckpt_dir / f"step{start:08d}")
         writer = self.open_metrics(start)
         bar = tqdm(total=t.steps, initial=start, disable=self.rank != 0 or not self.targs.progress,
                    desc="torchlm train",
@@ -208,8 +265,21 @@ class Trainer:
             self.gather_step(out)  # the step's one device -> host transfer
             step_times.append(time.perf_counter() - t0 - out.excluded_s)
             record = self.make_record(step, out, step_times[-1])
-            self.maybe_evaluate(step, record)
+            try:  # checked before any save: no checkpoint follows a bad step
+                finite, stop = self.check_finite(step, record), None
+            except NonFiniteError as e:
+                finite, stop = False, e
+            if not finite:
+                record["update_skipped"] = stop is None or self.update_skipped()
+            else:
+                self.maybe_evaluate(step, record)
             self.log_record(writer, bar, record)
+            if stop is not None:
+                bar.close()
+                if writer is not None:
+                    writer.close()
+                self.write_stop(stop)
+                raise stop
             final_loss = record["loss"]
             self.maybe_save(step)
         bar.close()
@@ -227,7 +297,12 @@ class Trainer:
         from torchlm.gather import set_master_params
 
         start = 0
-        if self.targs.resume and latest_checkpoint(self.out_dir):
+        tag = latest_checkpoint(self.out_dir) if self.targs.resume else None
+        if tag is not None:
+            if os.environ.get(VERIFIED_ENV) != str(self.ckpt_dir / tag):
+                verify_checkpoint(self.out_dir, tag,
+                                  say=lambda m: print(m, file=sys.stderr) if self.rank == 0
+                                  else None)
             path, client = self.engine.load_checkpoint(
                 str(self.ckpt_dir), load_optimizer_states=True, load_lr_scheduler_states=True
             )
@@ -328,6 +403,29 @@ class Trainer:
             "wall_time": time.time(),
         }
 
+    def update_skipped(self) -> bool:
+        """Whether DeepSpeed left the last step's update out: its ZeRO 1-3 and bf16
+        optimizers do so on a non-finite grad norm (``overflow``); ZeRO 0 in fp32 steps
+        a plain torch optimizer, which applies it."""
+        return bool(getattr(self.engine.optimizer, "overflow", False))
+
+    def check_finite(self, step: int, record: dict[str, Any]) -> bool:
+        """``train.nan_policy`` on this step's loss and grad norm (every rank holds the
+        same all-reduced values, so every rank decides alike)."""
+        loss, norm = record["loss"], record["grad_norm"]
+        if math.isfinite(loss) and math.isfinite(norm):
+            return True
+        return self.guard.check(step, loss, norm, update_skipped=self.update_skipped())
+
+    def write_stop(self, stop: NonFiniteError) -> None:
+        """Rank 0: ``stopped.json`` in the run folder, for the launcher (exit status 3)."""
+        if self.rank == 0:
+            if LAUNCH_TIME_ENV not in os.environ:  # else the launcher prints it
+                print(f"error: {stop}", file=sys.stderr)
+            atomic_write_json(self.out_dir / STOP_FILE, {
+                "reason": "non-finite", "message": str(stop),
+                "launch_time": os.environ.get(LAUNCH_TIME_ENV)})
+
     def maybe_evaluate(self, step: int, record: dict[str, Any]) -> None:
         """``val_loss`` every ``train.eval_every`` steps and at the last one."""
         t = self.cfg.train
@@ -395,12 +493,14 @@ class Trainer:
         return self._all_mean(total / count)
 
     def save_checkpoint(self, step: int) -> None:
-        """DeepSpeed checkpoint ``step<NNNNNNNN>`` (next step to run as client state);
+        """DeepSpeed checkpoint ``step<NNNNNNNN>`` (next step to run as client state),
+        then, once every rank's files are written, its ``checksums.json`` (rank 0);
         keeps the newest ``train.ckpt_keep``."""
         tag = f"step{step:08d}"
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": step})
-        dist.barrier()
+        dist.barrier()  # every rank's files are complete
         if self.rank == 0:
+            integrity.write_checksums(self.ckpt_dir / tag)
             # oldest first by write time (a --no-resume run may follow higher-step tags)
             dirs = sorted((p for p in self.ckpt_dir.glob("step*") if p.is_dir()),
                           key=lambda p: (p.stat().st_mtime_ns, p.name))
@@ -408,6 +508,7 @@ class Trainer:
                 if old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
+        self.guard.last_checkpoint = str(self.ckpt_dir / tag)
 
     def export_weights(self, path: str | os.PathLike) -> None:
         """Consolidated fp32 master weights, HF names (collective; rank 0 writes)."""
@@ -476,6 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                verbose=False)
     try:
         Trainer(cfg, args).run()
+    except NonFiniteError:  # printed by rank 0 (Trainer.write_stop)
+        # under `torchlm train` the launcher turns stopped.json into exit status 3; a
+        # worker exit status would only add torchrun's failure report and traceback
+        return 0 if LAUNCH_TIME_ENV in os.environ else EXIT_NON_FINITE
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
