@@ -159,7 +159,8 @@ def summarise(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             e["count"] += 1
             e["failures"] += int(not c.get("passed", False))
             if m > e["worst_margin"] or e["worst_case"] is None:
-                e.update(worst_margin=m, worst_case=res["case"], worst_value=c.get("value"))
+                e.update(worst_margin=m, worst_case=res["case"], worst_value=c.get("value"),
+                         limit=c.get("limit"))
     return sorted(fam.values(), key=lambda e: -e["worst_margin"])
 
 

@@ -50,10 +50,15 @@ def test_summarise_groups_stages_and_counts_failures():
         {"name": "fp32 zero3: loss", "value": 3e-6, "limit": 1e-5, "op": "<=", "passed": True}]},
         {"case": "b", "checks": [
             {"name": "fp32 zero2: loss", "value": 2e-5, "limit": 1e-5, "op": "<=",
-             "passed": False}]}]
+             "passed": False}]},
+        {"case": "c", "checks": [
+            {"name": "fp32 zero2: loss", "value": 5e-5, "limit": 1e-4, "op": "<=",
+             "passed": True}]}]
     (e,) = S.summarise(res)
-    assert e["check"] == "fp32 zero*: loss" and e["count"] == 3 and e["failures"] == 1
+    assert e["check"] == "fp32 zero*: loss" and e["count"] == 4 and e["failures"] == 1
     assert e["worst_case"] == "b" and e["worst_margin"] == pytest.approx(2.0)
+    # value and limit are the worst case's (limits differ per case: judged checks)
+    assert (e["worst_value"], e["limit"]) == (2e-5, 1e-5)
 
 
 def test_corpora_are_readable_by_the_data_pipeline(tmp_path):
