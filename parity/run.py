@@ -252,8 +252,8 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
 
     loc_truth = None
     if probes:
-        t0 = ph.begin("probes: bf16 activations layer by layer and gradient accumulation "
-                      "(in process)")
+        t0 = ph.begin("probes: bf16 activations layer by layer, loss function and gradient "
+                      "accumulation (in process)")
         pchecks, loc_truth = phase_probes(cfg, init, batch0, ds, errors)
         checks += pchecks
         for c in pchecks:
