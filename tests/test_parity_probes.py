@@ -44,6 +44,15 @@ def _activations(cfg, w, windows):
     return P.judge_activations(Z.bf16_forward_rows(truth, Z.activation_names(2)))
 
 
+def _planted(name, probe, *args):
+    """``probe(*args)`` with plant ``name`` applied for the call."""
+    undo = parity_plants.apply(name)
+    try:
+        return probe(*args)
+    finally:
+        undo()
+
+
 def _loss_fn(cfg, w, windows):
     return P.judge_loss_fn(P.loss_fn_gradients(cfg, w, windows[:8]))
 
@@ -62,32 +71,20 @@ def test_faithful_port_passes_every_probe(small):
 
 def test_bf16_accumulator_fails_the_accumulation_probe(small):
     cfg, w, windows = small
-    undo = parity_plants.apply("bf16_grad_accum")
-    try:
-        acc = _accum(cfg, w, windows)
-    finally:
-        undo()
+    acc = _planted("bf16_grad_accum", _accum, cfg, w, windows)
     assert not acc.passed, acc
 
 
 def test_norm_statistics_in_bf16_fail_the_activation_probe(small):
     cfg, w, windows = small
-    undo = parity_plants.apply("bf16_norm_stats")
-    try:
-        act = _activations(cfg, w, windows)
-    finally:
-        undo()
+    act = _planted("bf16_norm_stats", _activations, cfg, w, windows)
     assert not act.passed, act
     assert act.detail["first_over"] == "layer 0 input_layernorm"
 
 
 def test_log_softmax_in_bf16_fails_the_loss_function_probe(small):
     cfg, w, windows = small
-    undo = parity_plants.apply("bf16_softmax_loss")
-    try:
-        lfn = _loss_fn(cfg, w, windows)
-    finally:
-        undo()
+    lfn = _planted("bf16_softmax_loss", _loss_fn, cfg, w, windows)
     assert not lfn.passed, lfn
     assert lfn.margin > 100
 
