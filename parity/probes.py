@@ -99,11 +99,13 @@ def judge_accumulation(ratios: Mapping[str, float]) -> J.Judged:
 
 
 def loss_fn_gradients(cfg: ExperimentConfig, weights: Mapping[str, np.ndarray],
-                      windows: np.ndarray) -> dict[str, np.ndarray]:
+                      windows: np.ndarray, torch_logits: np.ndarray | None = None
+                      ) -> dict[str, np.ndarray]:
     """d loss / d logits of ``windows`` (B, T+1) on the same logits, torch bf16's forward
-    of the windows: ``jax`` (the trainer's loss function, ``jaxlm.api.loss_on_logits``),
-    ``torch`` (torchlm's ``token_loss``), ``hf`` (Hugging Face's ``ForCausalLMLoss``), each
-    in fp32, and ``f64`` (torchlm's loss in float64)."""
+    of the windows (``torch_logits`` when already computed, e.g. by the activation probe):
+    ``jax`` (the trainer's loss function, ``jaxlm.api.loss_on_logits``), ``torch``
+    (torchlm's ``token_loss``), ``hf`` (Hugging Face's ``ForCausalLMLoss``), each in fp32,
+    and ``f64`` (torchlm's loss in float64)."""
     import torch
     from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -112,10 +114,13 @@ def loss_fn_gradients(cfg: ExperimentConfig, weights: Mapping[str, np.ndarray],
     from torchlm.model import token_loss
 
     w = torch.from_numpy(np.asarray(windows, np.int64))
-    tapi.configure_torch()
-    model = tapi.build_model(cfg.model, dict(weights), "bf16")
-    with torch.no_grad():
-        logits16 = model(w[:, :-1])
+    if torch_logits is None:
+        tapi.configure_torch()
+        model = tapi.build_model(cfg.model, dict(weights), "bf16")
+        with torch.no_grad():
+            logits16 = model(w[:, :-1])
+    else:  # float64 copies of bf16-model logits: the values convert back exactly
+        logits16 = torch.from_numpy(np.asarray(torch_logits)).to(torch.float32)
     targets = w[:, 1:]
     out = {}
     for name, dtype, loss in (
@@ -161,7 +166,7 @@ def bf16_probe_checks(cfg: ExperimentConfig, weights: Mapping[str, np.ndarray],
     rows = Z.bf16_forward_rows(truth, Z.activation_names(cfg.model.num_hidden_layers))
     truth["rows_forward_bf16"] = rows
     act = judge_activations(rows)
-    lfn = judge_loss_fn(loss_fn_gradients(cfg, weights, batch0))
+    lfn = judge_loss_fn(loss_fn_gradients(cfg, weights, batch0, truth["torch16"]["logits"]))
     ratios = accumulation_ratios(cfg, weights, probe_windows(cfg, ds))
     acc = judge_accumulation(ratios)
     checks = [
