@@ -774,7 +774,7 @@ def diagnose(cfg: ExperimentConfig, weights: Arrays, batch: np.ndarray,
     its noise."""
     precisions = sorted({r.spec.precision for r in runs.values()
                          if getattr(r, "error", None) is None})
-    failed = [c for c in checks if not (c["passed"] if isinstance(c, Mapping) else c.passed)]
+    failed = [c for c in checks if not _get(c, "passed")]
     truth = truth if truth is not None else Truth(cfg, weights, batch)
     found = None
     try:
