@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,9 +24,14 @@ from lmspec.weights import load_safetensors
 SIDES = ("jax", "torch")
 
 
+_LOG_LOCK = threading.Lock()
+
+
 def log(msg: str) -> None:
-    """One progress line, flushed (the harness's own output goes to stdout)."""
-    print(f"[parity] {msg}", flush=True)
+    """One progress line, flushed (the harness's own output goes to stdout); whole lines
+    when trainers run concurrently."""
+    with _LOG_LOCK:
+        print(f"[parity] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------- plan
@@ -138,9 +144,13 @@ def trainer_args(spec: RunSpec, config_path: Path, init_path: Path | None,
 
 
 def run_trainer(cmd: list[str], env: Mapping[str, str], out_dir: Path, steps: int,
-                label: str, timeout_s: float | None = None) -> tuple[int, float, str]:
-    """Run one trainer, log to ``out_dir/train.log``, show a progress bar fed by its
-    ``metrics.jsonl``. Returns (exit status, seconds, last lines of the log)."""
+                label: str, timeout_s: float | None = None,
+                stop: threading.Event | None = None,
+                on_step: Any = None) -> tuple[int, float, str]:
+    """Run one trainer, log to ``out_dir/train.log``, follow its ``metrics.jsonl``: a
+    progress bar of its own, or ``on_step(n)`` per new step when given (concurrent runs
+    share one bar). ``stop`` set, or ``timeout_s`` passed, ends the trainer and its
+    workers. Returns (exit status, seconds, last lines of the log)."""
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,8 +160,9 @@ def run_trainer(cmd: list[str], env: Mapping[str, str], out_dir: Path, steps: in
     with open(logfile, "w") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=dict(env),
                                 start_new_session=True)
-        bar = tqdm(total=steps, desc=f"  {label}", unit="step", leave=False, disable=None,
-                   file=sys.stderr)
+        bar = None if on_step is not None else tqdm(
+            total=steps, desc=f"  {label}", unit="step", leave=False, disable=None,
+            file=sys.stderr)
         done = 0
         try:
             while True:
@@ -160,6 +171,11 @@ def run_trainer(cmd: list[str], env: Mapping[str, str], out_dir: Path, steps: in
                     break
                 except subprocess.TimeoutExpired:
                     pass
+                if stop is not None and stop.is_set():
+                    _kill(proc)
+                    rc = 130
+                    lf.write("\n[parity] stopped (the parity run was interrupted)\n")
+                    break
                 if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
                     _kill(proc)
                     rc = 124
@@ -167,13 +183,14 @@ def run_trainer(cmd: list[str], env: Mapping[str, str], out_dir: Path, steps: in
                     break
                 n = _count_lines(metrics)
                 if n > done:
-                    bar.update(n - done)
+                    (bar.update if bar is not None else on_step)(n - done)
                     done = n
         except BaseException:
             _kill(proc)
             raise
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
     elapsed = time.perf_counter() - t0
     tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-25:])
     return rc, elapsed, tail
@@ -242,41 +259,95 @@ def read_run(spec: RunSpec, dumps: bool = True) -> RunData:
     return data
 
 
+def run_cost(spec: RunSpec) -> tuple[int, int]:
+    """Sort key, most expensive first, for scheduling concurrent runs: steps, then the
+    ZeRO stage (stage 3's hooks cost the most; JAX counts as 3)."""
+    return (-spec.steps, -(3 if spec.zero_stage is None else spec.zero_stage))
+
+
 def train_all(plan: Sequence[RunSpec], trainer_cmd: Any, config_path: Path, init_path: Path,
               jax_devices: int | None, world_size: int, timeout_s: float | None,
-              begin: Any, end: Any, errors: list[str]) -> dict[str, RunData]:
-    """Run every planned trainer in turn (one phase each, via ``begin``/``end``); a failed
-    or unreadable run is recorded in ``errors`` and as a :class:`RunData` with ``error``."""
+              begin: Any, end: Any, errors: list[str], jobs: int = 1,
+              stop: threading.Event | None = None) -> dict[str, RunData]:
+    """Run every planned trainer: one at a time (one phase each, via ``begin``/``end``),
+    or ``jobs`` at a time, most expensive first, under one progress bar (``begin``/``end``
+    unused: the caller makes the whole training one phase). A failed or unreadable run is
+    recorded in ``errors`` and as a :class:`RunData` with ``error``; the result is in plan
+    order either way."""
     runs: dict[str, RunData] = {}
-    for spec in plan:
-        what = (f"train {spec.label} ({spec.steps} steps"
+
+    def describe(spec: RunSpec) -> str:
+        return (f"train {spec.label} ({spec.steps} steps"
                 + (f", {jax_devices} virtual CPU devices" if spec.side == "jax" and jax_devices
                    else "")
                 + (f", world size {world_size}" if spec.side == "torch" else "") + ")")
-        t0 = begin(what)
+
+    def one(spec: RunSpec, on_step: Any = None) -> tuple[RunData, str]:
+        """Run and read one trainer: (its data, the line that ends its phase)."""
         if spec.out_dir.exists():
             shutil.rmtree(spec.out_dir)
         cmd = trainer_cmd(spec.side) + trainer_args(spec, config_path, init_path)
         env = jax_env(os.environ, jax_devices) if spec.side == "jax" else dict(os.environ)
-        rc, secs, tail = run_trainer(cmd, env, spec.out_dir, spec.steps, spec.label, timeout_s)
+        rc, secs, tail = run_trainer(cmd, env, spec.out_dir, spec.steps, spec.label,
+                                     timeout_s, stop=stop, on_step=on_step)
         if rc != 0:
             msg = (f"{spec.label}: trainer exited with status {rc} after {secs:.0f} s; "
                    f"log {spec.out_dir / 'train.log'}:\n{tail}")
             errors.append(msg)
-            runs[spec.label] = RunData(spec, error=msg, seconds=secs)
-            log(f"  FAILED (exit {rc}); last lines of the log:\n{tail}")
-            continue
+            return (RunData(spec, error=msg, seconds=secs),
+                    f"{spec.label} FAILED (exit {rc}); last lines of the log:\n{tail}")
         try:
             data = read_run(spec)
-            data.seconds = secs
-            runs[spec.label] = data
-            loss = data.series("loss")
-            end(t0, f"loss {loss[0]:.4f} -> {loss[-1]:.4f}")
         except (OSError, ValueError, KeyError) as e:
             msg = f"{spec.label}: outputs unreadable: {type(e).__name__}: {e}"
             errors.append(msg)
-            runs[spec.label] = RunData(spec, error=msg, seconds=secs)
-            log(f"  FAILED: {msg}")
+            return RunData(spec, error=msg, seconds=secs), f"FAILED: {msg}"
+        data.seconds = secs
+        loss = data.series("loss")
+        return data, f"loss {loss[0]:.4f} -> {loss[-1]:.4f}"
+
+    if jobs <= 1:
+        for spec in plan:
+            t0 = begin(describe(spec))
+            data, line = one(spec)
+            runs[spec.label] = data
+            if data.error is None:
+                end(t0, line)
+            else:
+                log(f"  {line}")
+        return runs
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(s.steps for s in plan), desc="  training", unit="step",
+               leave=False, disable=None, file=sys.stderr)
+    bar_lock = threading.Lock()
+
+    def on_step(n: int) -> None:
+        with bar_lock:
+            bar.update(n)
+
+    def job(spec: RunSpec) -> RunData:
+        log(f"  start {describe(spec)}")
+        data, line = one(spec, on_step)
+        log(f"  {spec.label}: {line}" + (f" in {data.seconds:.1f} s" if data.error is None
+                                          else ""))
+        return data
+
+    stop = stop if stop is not None else threading.Event()
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="trainer")
+    try:
+        futures = {s.label: pool.submit(job, s) for s in sorted(plan, key=run_cost)}
+        for spec in plan:
+            runs[spec.label] = futures[spec.label].result()
+    except BaseException:
+        stop.set()  # running trainers end within a poll (0.5 s); queued ones never start
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
     return runs
 
 

@@ -40,6 +40,11 @@ from typing import Any
 
 from lmspec.io import atomic_write_json, atomic_write_text
 
+# under the throughput table when trainers ran concurrently (parity run --jobs > 1)
+CONCURRENT_NOTE = ("These runs trained {jobs} at a time on a shared CPU: their throughput "
+                   "and start-up figures are not a speed comparison. `parity bench` runs "
+                   "one trainer at a time and compares speed.")
+
 
 def all_passed(result: Mapping[str, Any]) -> bool:
     """True only if there is at least one check, every check passed and no phase failed."""
@@ -155,7 +160,10 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         out += [f"| {i['name']} | {fmt(i['value'])} | {i.get('note', '')} |" for i in info]
     tp = result.get("throughput") or {}
     if tp:
-        out += ["", "### Throughput (warm-up steps excluded)", "", _throughput_md(tp)]
+        out += ["", "### Throughput (warm-up steps excluded)", ""]
+        if (result.get("concurrent_jobs") or 1) > 1:
+            out += [CONCURRENT_NOTE.format(jobs=result["concurrent_jobs"]), ""]
+        out += [_throughput_md(tp)]
     setup = result.get("setup") or {}
     if setup:
         out += ["", "### Set-up", ""] + [f"- {k}: {v}" for k, v in setup.items()]
@@ -367,6 +375,8 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
     tp = result.get("throughput") or {}
     if tp:
         parts.append("<h2>Throughput (warm-up steps excluded)</h2>")
+        if (result.get("concurrent_jobs") or 1) > 1:
+            parts.append(f"<p>{html.escape(CONCURRENT_NOTE.format(jobs=result['concurrent_jobs']))}</p>")
         rows = []
         for label, t in tp.items():
             start = t.get("compile_s", t.get("startup_s"))

@@ -20,6 +20,7 @@ The names other modules import from here (``RunSpec``, ``trainer_args``, ``run_t
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -85,6 +86,9 @@ class ParityOptions:
     run_timeout_s: float | None = 1800.0
     forward: bool = True
     reuse_runs: bool = False  # judge the runs already under out/runs (no training)
+    # trainers run at a time, alongside the in-process phases; None: 2 on CPU (a 2-core
+    # machine gains ~15%), 1 on GPU (runs would share the GPU and its memory)
+    jobs: int | None = None
     trainer_cmd: Callable[[str], list[str]] = default_trainer_cmd
     # (cfg, weights, step-0 global batch, forward tokens or None) -> Truth
     truth_fn: Callable[..., Truth] = compute_truth
@@ -109,6 +113,8 @@ def validate_options(opts: ParityOptions, cfg: ExperimentConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')}={getattr(opts, name)} must be >= 1")
     if opts.jax_devices is not None and opts.jax_devices < 1:
         raise UserError(f"--jax-devices={opts.jax_devices} must be >= 1")
+    if opts.jobs is not None and opts.jobs < 1:
+        raise UserError(f"--jobs={opts.jobs} must be >= 1")
 
 
 class _Phases:
@@ -194,6 +200,84 @@ def forward_failed_checks(opts: ParityOptions, why: str) -> list[C.Check]:
     return out
 
 
+def _in_process_phases(cfg: ExperimentConfig, opts: ParityOptions, init: dict,
+                       batch0: np.ndarray, tokens_bt: np.ndarray, ds: Any, probes: bool,
+                       ph: _Phases, errors: list[str]
+                       ) -> tuple[list[C.Check], list[dict], dict, Truth, Any]:
+    """Forward, truth and probes: (checks, figures, forward statistics, the float64
+    truth, the localisation truth of the probes or None)."""
+    t0 = ph.begin("forward: jax vs torch vs Hugging Face logits on a validation batch")
+    logits = phase_forward(cfg, init, tokens_bt, opts, errors)
+    ph.end(t0, "forward " + ("done" if opts.forward else "skipped (--no-forward)"))
+
+    t0 = ph.begin("truth: float64 logits, step-0 loss and gradient (torch model in float64)")
+    truth = phase_truth(cfg, init, batch0, tokens_bt if logits else None, errors,
+                        opts.truth_fn)
+    ph.end(t0, "truth " + ("done" if truth.grads else "FAILED"))
+
+    checks: list[C.Check] = []
+    info: list[dict] = []
+    fwd_stats: dict[str, dict[str, float]] = {}
+    if logits:
+        fwd_stats, fchecks, finfo = forward_checks(logits, truth.logits)
+        checks, info = checks + fchecks, info + finfo
+        _log_checks(fchecks)
+    elif opts.forward:
+        checks += forward_failed_checks(opts, errors[-1] if errors else "forward failed")
+
+    loc_truth = None
+    if probes:
+        t0 = ph.begin("probes: bf16 activations layer by layer, loss function and gradient "
+                      "accumulation (in process)")
+        pchecks, loc_truth = phase_probes(cfg, init, batch0, ds, errors)
+        checks += pchecks
+        _log_checks(pchecks)
+        ph.end(t0, "probes done")
+    return checks, info, fwd_stats, truth, loc_truth
+
+
+def _log_checks(checks: list[C.Check]) -> None:
+    for c in checks:
+        log(f"  {c.name}: {c.value:.3e} (limit {c.limit:.3e}, "
+            f"{'pass' if c.passed else 'FAIL'})")
+
+
+class _Background:
+    """The trainers, ``jobs`` at a time, in a thread of this process (they are
+    subprocesses: the thread only starts and follows them) while the caller computes."""
+
+    def __init__(self, train: Callable[..., dict[str, RunData]], jobs: int, ph: _Phases,
+                 n_runs: int) -> None:
+        self.t0 = ph.begin(f"training: {n_runs} trainer runs, {jobs} at a time, alongside "
+                           "the in-process phases (their throughput figures share the CPU)")
+        self.ph, self.stop = ph, threading.Event()
+        self.result: dict[str, RunData] | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(train, jobs),
+                                       name="parity-training", daemon=True)
+        self.thread.start()
+
+    def _run(self, train: Callable[..., dict[str, RunData]], jobs: int) -> None:
+        try:
+            self.result = train(jobs, self.stop)
+        except BaseException as e:  # noqa: BLE001 - re-raised in join()
+            self.error = e
+
+    def join(self) -> dict[str, RunData]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        ok = sum(r.error is None for r in self.result.values())
+        self.ph.end(self.t0, f"training: {ok}/{len(self.result)} runs finished")
+        return self.result
+
+    def cancel(self) -> None:
+        """End the running trainers (and start no more); waits for them to go."""
+        self.stop.set()
+        self.thread.join()
+
+
 def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
                config_source: str | None = None) -> dict[str, Any]:
     """Run every phase and return the result dict (see :mod:`parity.report`); the
@@ -210,7 +294,8 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
     jax_devices = None if on_gpu else (opts.jax_devices or cfg.zero.world_size)
     plan = plan_runs(out, opts.zero_stages, opts.precisions, opts.steps_fp32, opts.steps_bf16)
     probes = opts.forward and "bf16" in opts.precisions
-    ph = _Phases(7 + probes + (0 if opts.reuse_runs else len(plan)))
+    jobs = 1 if opts.reuse_runs else (opts.jobs or (1 if on_gpu else 2))
+    ph = _Phases(7 + probes + (0 if opts.reuse_runs else 1 if jobs > 1 else len(plan)))
 
     t0 = ph.begin(f"data: token cache of {cfg.data.source!r} ({cfg.data.tokenizer})")
     ds = Dataset.from_config(cfg)
@@ -229,43 +314,26 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
     save_config(cfg, config_path)
     ph.end(t0, f"{sum(v.size for v in init.values())} parameters -> {init_path.name}")
 
-    t0 = ph.begin("forward: jax vs torch vs Hugging Face logits on a validation batch")
-    logits = phase_forward(cfg, init, tokens_bt, opts, errors)
-    ph.end(t0, "done" if opts.forward else "skipped (--no-forward)")
+    def train(jobs: int, stop: threading.Event | None = None) -> dict[str, RunData]:
+        return train_all(plan, opts.trainer_cmd, config_path, init_path, jax_devices,
+                         cfg.zero.world_size, opts.run_timeout_s, ph.begin, ph.end, errors,
+                         jobs=jobs, stop=stop)
 
-    t0 = ph.begin("truth: float64 logits, step-0 loss and gradient (torch model in float64)")
-    truth = phase_truth(cfg, init, batch0, tokens_bt if logits else None, errors,
-                        opts.truth_fn)
-    ph.end(t0, "done" if truth.grads else "FAILED")
-
-    checks: list[C.Check] = []
-    info: list[dict] = []
-    fwd_stats: dict[str, dict[str, float]] = {}
-    if logits:
-        fwd_stats, fchecks, finfo = forward_checks(logits, truth.logits)
-        checks, info = checks + fchecks, info + finfo
-        for c in fchecks:
-            log(f"  {c.name}: {c.value:.3e} (limit {c.limit:.3e}, "
-                f"{'pass' if c.passed else 'FAIL'})")
-    elif opts.forward:
-        checks += forward_failed_checks(opts, errors[-1] if errors else "forward failed")
-
-    loc_truth = None
-    if probes:
-        t0 = ph.begin("probes: bf16 activations layer by layer, loss function and gradient "
-                      "accumulation (in process)")
-        pchecks, loc_truth = phase_probes(cfg, init, batch0, ds, errors)
-        checks += pchecks
-        for c in pchecks:
-            log(f"  {c.name}: {c.value:.3e} (limit {c.limit:.3e}, "
-                f"{'pass' if c.passed else 'FAIL'})")
-        ph.end(t0)
-
-    if opts.reuse_runs:
-        runs = phase_reuse(plan, errors)
-    else:
-        runs = train_all(plan, opts.trainer_cmd, config_path, init_path, jax_devices,
-                         cfg.zero.world_size, opts.run_timeout_s, ph.begin, ph.end, errors)
+    # jobs > 1: the trainers start now and run while the in-process phases compute
+    background = _Background(train, jobs, ph, len(plan)) if jobs > 1 else None
+    try:
+        checks, info, fwd_stats, truth, loc_truth = _in_process_phases(
+            cfg, opts, init, batch0, tokens_bt, ds, probes, ph, errors)
+        if background is not None:
+            runs = background.join()
+        elif opts.reuse_runs:
+            runs = phase_reuse(plan, errors)
+        else:
+            runs = train(1)
+    except BaseException:
+        if background is not None:
+            background.cancel()
+        raise
 
     t0 = ph.begin("checks")
     tchecks, tinfo, pairs = training_checks(runs, init, truth, opts.zero_stages,
@@ -279,7 +347,8 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
 
     t0 = ph.begin("reports")
     result = assemble_result(cfg, opts, config_source, runs, checks, info, pairs, fwd_stats,
-                             diagnosis, errors, on_gpu, jax_devices, init_path, t_start)
+                             diagnosis, errors, on_gpu, jax_devices, init_path, t_start,
+                             jobs)
     from parity.report import write_reports
 
     paths = write_reports(result, out)
@@ -292,7 +361,7 @@ def assemble_result(cfg: ExperimentConfig, opts: ParityOptions, config_source: s
                     runs: dict[str, RunData], checks: list[C.Check], info: list[dict],
                     pairs: list[dict], fwd_stats: dict, diagnosis: dict, errors: list[str],
                     on_gpu: bool, jax_devices: int | None, init_path: Path,
-                    t_start: float) -> dict[str, Any]:
+                    t_start: float, jobs: int = 1) -> dict[str, Any]:
     """The result dict the reports are written from (schema in :mod:`parity.report`)."""
     series = {}
     throughput = {}
@@ -335,6 +404,9 @@ def assemble_result(cfg: ExperimentConfig, opts: ParityOptions, config_source: s
             "forward batch": f"{min(FORWARD_ROWS, cfg.train.global_batch_size)} validation "
                              f"windows of {cfg.data.seq_len} tokens, in process, JAX on one "
                              "device",
+            "trainers at a time": (
+                f"{jobs}, alongside the in-process phases: throughput figures share the CPU "
+                "and are no speed comparison (`parity bench` is)" if jobs > 1 else "1"),
             "trainer overrides": "train.eval_every=0 (validation does not change training)",
             "weights": str(init_path),
             "wall time": f"{time.perf_counter() - t_start:.0f} s",
@@ -344,6 +416,7 @@ def assemble_result(cfg: ExperimentConfig, opts: ParityOptions, config_source: s
         "series": series,
         "pairs": pairs,
         "throughput": throughput,
+        "concurrent_jobs": jobs,
         "checks": [c.to_dict() for c in checks],
         "info": info + list(diagnosis.get("info") or []),
         "errors": errors,

@@ -220,3 +220,48 @@ def test_update_diagnosis_names_the_dominant_element(tmp_path):
     assert info["jax update vs exact AdamW of its own gradient"]["value"] < 1e-12
     assert info["update rel err without that element"]["value"] < 1e-5
     assert info["exact AdamW(g_jax) vs AdamW(g_ds)"]["value"] > 1e-4
+
+
+def test_concurrent_trainers_give_the_same_verdicts_as_one_at_a_time(cfg, tmp_path):
+    """--jobs changes when the trainers run, never what they compute or how it is judged;
+    the report says that concurrent runs' throughput figures are no speed comparison."""
+    runs = {}
+    for jobs in (1, 2):
+        res = P.run_parity(cfg, opts(tmp_path / f"j{jobs}", zero_stages=(1,),
+                                     precisions=("fp32",), steps_fp32=6, jobs=jobs))
+        runs[jobs] = res
+        assert res["errors"] == [] and res["concurrent_jobs"] == jobs
+    assert [(c["name"], c["value"], c["passed"]) for c in runs[1]["checks"]] == \
+        [(c["name"], c["value"], c["passed"]) for c in runs[2]["checks"]]
+    assert list(runs[1]["runs"]) == list(runs[2]["runs"])  # plan order either way
+    md1 = (tmp_path / "j1" / "out" / "report.md").read_text()
+    md2 = (tmp_path / "j2" / "out" / "report.md").read_text()
+    assert "not a speed comparison" in md2 and "not a speed comparison" not in md1
+
+
+def test_interrupt_stops_the_background_trainers(cfg, tmp_path, monkeypatch):
+    """Ctrl-C while the trainers run alongside the in-process phases: the exception
+    propagates within seconds and every started trainer is ended, none left behind."""
+    import time
+
+    monkeypatch.setenv("PARITY_FAKE_FAULT", "jax:fp32:slow")
+
+    def interrupted_truth(*args):
+        time.sleep(2)  # the trainers have started
+        raise KeyboardInterrupt
+
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        P.run_parity(cfg, opts(tmp_path, zero_stages=(1,), precisions=("fp32",), jobs=2,
+                               truth_fn=interrupted_truth))
+    assert time.perf_counter() - t0 < 60
+    log = (tmp_path / "out" / "runs" / "jax_fp32" / "train.log").read_text()
+    assert "stopped (the parity run was interrupted)" in log
+    import subprocess
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps  # no trainer of this run is still alive
+
+
+def test_jobs_must_be_positive(cfg, tmp_path):
+    with pytest.raises(P.UserError, match="--jobs=0"):
+        P.validate_options(opts(tmp_path, jobs=0), cfg)
