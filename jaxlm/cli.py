@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     flags = train_args(args, cfg)
+    import jax
+
     from jaxlm.distributed import maybe_initialize
 
     maybe_initialize(cfg.distributed)
@@ -55,6 +57,11 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except jax.errors.JaxRuntimeError as e:
+        from jaxlm.distributed import explain_collective_failure
+
+        explain_collective_failure(e)  # a dead peer ends this process with its name
+        raise
     return 0
 
 

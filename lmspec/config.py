@@ -323,9 +323,14 @@ class DistributedConfig:
     coordinator_address: str = ""
     num_processes: int = 1
     process_id: int = -1
+    # a process whose heartbeat stops this long ends the job (jaxlm.distributed)
+    heartbeat_timeout_s: float = 20.0
 
     def validate(self, prefix: str = "distributed") -> None:
         _positive(f"{prefix}.num_processes", self.num_processes)
+        if not self.heartbeat_timeout_s > 0:
+            raise ConfigError(f"{prefix}.heartbeat_timeout_s={self.heartbeat_timeout_s} "
+                              "must be > 0 (seconds)")
         if self.process_id < -1 or (
             self.process_id >= 0 and self.process_id >= self.num_processes
         ):

@@ -68,7 +68,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if ds.num_val_windows == 0 and cfg.train.eval_every:
         print("note: no validation windows (data.val_fraction); val_loss is not logged",
               file=sys.stderr)
-    from torchlm.launch import WorkerError, launch
+    from torchlm.launch import AgentDied, WorkerError, launch
 
     worker_args = [args.config, *args.overrides]
     if args.init_weights:
@@ -90,6 +90,11 @@ def _main(argv: Sequence[str] | None) -> int:
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except AgentDied as e:
+        from lmspec.watchdog import EXIT_PEER_LOST
+
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PEER_LOST
 
 
 def _check_resumable(cfg: ExperimentConfig) -> None:

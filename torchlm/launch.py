@@ -28,6 +28,37 @@ class WorkerError(RuntimeError):
     """A training worker died; the message names its rank and its exception."""
 
 
+class AgentDied(RuntimeError):
+    """The torchrun agent was killed; its workers stopped with it (they watch it)."""
+
+
+# set in the workers' environment: who launched them, and where they leave their pids
+LAUNCHER_PID_ENV = "TORCHLM_LAUNCHER_PID"
+PID_DIR_ENV = "TORCHLM_PID_DIR"
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """In the torchrun child before exec: SIGKILL it when this launcher dies (Linux)."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_pids(pid_dir: str | os.PathLike) -> list[int]:
+    """The pids the workers of this launch recorded (``rank-R.pid``)."""
+    pids = []
+    for f in Path(pid_dir).glob("rank-*.pid"):
+        try:
+            pids.append(int(f.read_text().strip()))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
 def torchrun_command(num_procs: int, worker_args: Sequence[str], log_dir: str) -> list[str]:
     """The torchrun command line that runs ``torchlm.worker`` on ``num_procs`` ranks;
     torchrun keeps the workers' error files under ``log_dir``."""
@@ -104,12 +135,23 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def launch(cfg: ExperimentConfig, worker_args: Sequence[str]) -> int:
-    """Run the workers to completion; raise :class:`WorkerError` if one failed, or
-    :class:`~lmspec.nonfinite.NonFiniteError` if they stopped on a non-finite step."""
+    """Run the workers to completion; raise :class:`WorkerError` if one failed,
+    :class:`AgentDied` if torchrun itself was killed, or
+    :class:`~lmspec.nonfinite.NonFiniteError` if they stopped on a non-finite step.
+
+    Dead processes end the whole job: torchrun is SIGKILLed when this launcher dies
+    (parent-death signal), and each worker watches this launcher and torchrun
+    (:func:`lmspec.watchdog.watch_parents`), so no process trains on alone."""
+    from lmspec.watchdog import wait_gone
+
     with tempfile.TemporaryDirectory(prefix="torchlm-run-") as log_dir:
         cmd = torchrun_command(cfg.zero.world_size, worker_args, log_dir)
         env = _worker_env(cfg)
-        proc = subprocess.Popen(cmd, env=env)
+        env[LAUNCHER_PID_ENV] = str(os.getpid())
+        env[PID_DIR_ENV] = log_dir
+        proc = subprocess.Popen(cmd, env=env,
+                                preexec_fn=_die_with_parent if sys.platform == "linux"
+                                else None)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             rc = proc.wait()
@@ -123,13 +165,49 @@ def launch(cfg: ExperimentConfig, worker_args: Sequence[str]) -> int:
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
+        if rc < 0:  # torchrun itself was killed: its workers notice within a second
+            left = wait_gone(worker_pids(log_dir), 20.0)
+            for pid in left:  # pragma: no cover - a worker that did not watch
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            raise AgentDied(
+                f"the torchrun agent (pid {proc.pid}) was killed by "
+                f"{signal.Signals(-rc).name}; its workers stopped with it"
+                + (f" (killed {len(left)} that had not)" if left else "")
+                + "; resume from the last complete checkpoint with the same command")
         stop = _non_finite_stop(cfg, env[LAUNCH_TIME_ENV])
         if stop is not None:
             raise NonFiniteError(stop)
         if rc == 0:
             return 0
         cause = root_cause(log_dir)
+        silent = silent_deaths(log_dir)
         raise WorkerError(
             f"training worker failed (torchrun exit status {rc})"
+            + (f"; {silent} (the others then lost their connection to it)" if silent else "")
             + (f"; first error on {cause}" if cause else "; see the worker output above")
         )
+
+
+def silent_deaths(log_dir: str | os.PathLike) -> str | None:
+    """The workers that recorded a pid but no Python error: killed by a signal or a
+    native crash (``"rank 1 (pid 123) died without a Python error (killed by a signal
+    or a native crash)"``), the usual root cause when the others report a closed
+    connection; None when every worker that died left an error report."""
+    errors = {_rank_of(p) for p in Path(log_dir).rglob("error.json")}
+    dead = []
+    for f in sorted(Path(log_dir).glob("rank-*.pid")):
+        rank = f.stem.removeprefix("rank-")
+        if not rank.isdigit() or int(rank) in errors:
+            continue
+        try:
+            pid = int(f.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        dead.append(f"rank {rank} (pid {pid})")
+    if not dead or not errors:  # no error anywhere: nothing to set them apart from
+        return None
+    return (", ".join(dead) + " died"
+            " without a Python error (killed by a signal or a native crash)")

@@ -14,9 +14,31 @@ from lmspec.cli import run
 from torchlm.trainer import main
 
 
+def _watch_launchers() -> None:
+    """Under torchrun: record this worker's pid for ``torchlm train`` and end the worker
+    when torchrun or ``torchlm train`` dies (:mod:`lmspec.watchdog`)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return  # started alone (world size 1): nothing to watch
+    from lmspec.watchdog import watch_parents
+    from torchlm.launch import LAUNCHER_PID_ENV, PID_DIR_ENV
+
+    rank = os.environ.get("RANK", "?")
+    pid_dir = os.environ.get(PID_DIR_ENV)
+    if pid_dir:
+        try:
+            with open(os.path.join(pid_dir, f"rank-{rank}.pid"), "w") as f:
+                f.write(str(os.getpid()))
+        except OSError:
+            pass
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    watch_parents(f"torchlm worker rank {rank} (pid {os.getpid()})",
+                  int(launcher) if launcher.isdigit() else None)
+
+
 @record
 def _entry() -> int:
     # a bug propagates to @record, which writes it where torchrun's launcher finds it
+    _watch_launchers()
     return run(main, raise_bugs=True)
 
 
