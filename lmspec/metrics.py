@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmspec.errors import UserError
+
 REQUIRED_FIELDS = (
     "step",
     "loss",
@@ -96,7 +98,11 @@ def read_metrics(path: str | os.PathLike, *, strict: bool = True) -> list[dict[s
     if not path.exists():
         raise FileNotFoundError(f"metrics file not found: {path}")
     out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    fix = "a damaged metrics.jsonl: move it away, or start over with --no-resume"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text at byte {e.start} ({fix})") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -105,10 +111,12 @@ def read_metrics(path: str | os.PathLike, *, strict: bool = True) -> list[dict[s
         except json.JSONDecodeError:
             if not strict and i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}:{i + 1}: not a JSON record") from None
+            raise UserError(f"{path}:{i + 1}: not a JSON record ({fix})") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}:{i + 1}: not a JSON object ({fix})")
         missing = [k for k in REQUIRED_FIELDS if k not in rec]
         if missing:
-            raise ValueError(f"{path}:{i + 1}: record lacks fields {missing}")
+            raise UserError(f"{path}:{i + 1}: record lacks fields {missing} ({fix})")
         for k in ("loss", "grad_norm"):
             if isinstance(rec[k], str):
                 rec[k] = float(rec[k])

@@ -105,3 +105,18 @@ def test_fingerprint_parts_field(tmp_path):
                 w.write(record(1, batch_fingerprint_parts=bad))
     (r,) = read_metrics(path)
     assert r["batch_fingerprint_parts"] == parts
+
+
+def test_damaged_metrics_file_is_a_user_error_with_the_fix(tmp_path):
+    """A damaged metrics.jsonl met on resume: one error line naming the file, the line
+    and what to do (exit status 2 through lmspec.cli), not a bug's traceback."""
+    from lmspec.errors import UserError
+
+    p = tmp_path / "metrics.jsonl"
+    for body, where in ((b"garbage\n{}\n", ":1: not a JSON record"),
+                        (b"[1, 2]\n", ":1: not a JSON object"),
+                        (b"\xff\xfe\x00junk\n", "not UTF-8 text at byte 0")):
+        p.write_bytes(body)
+        with pytest.raises(UserError, match=where) as e:
+            read_metrics(p, strict=False)
+        assert "--no-resume" in str(e.value)
