@@ -1,4 +1,4 @@
-"""``jaxlm`` command line: ``jaxlm train`` and ``jaxlm generate``.
+"""``jaxlm`` command line: ``jaxlm train``, ``jaxlm generate`` and ``jaxlm export``.
 
 Thin: argument parsing only; the work is in :mod:`jaxlm.trainer` and
 :mod:`jaxlm.generate`. User mistakes exit 2 with ``error: ...`` (``lmspec.cli.run``);
@@ -37,6 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, metavar="S",
                      help="sampling seed (default 0; unused when greedy)")
     gen.set_defaults(func=_generate)
+    ex = sub.add_parser(
+        "export", help="write a checkpoint as a Hugging Face model folder",
+        description="Write a jaxlm checkpoint as a folder that "
+        "transformers.LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained "
+        "load offline: config.json, model.safetensors (sharded above --max-shard-size), "
+        "generation_config.json and the run's tokenizer.")
+    ex.add_argument("run_dir", help="a run's out_dir (or one of its checkpoint folders)")
+    ex.add_argument("--out", required=True, metavar="DIR",
+                    help="folder to write (must not exist, or be empty)")
+    ex.add_argument("--step", type=int, default=None, metavar="N",
+                    help="checkpoint step to export (default: the newest complete one)")
+    ex.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="tensor type of the weights written (default fp32, the master "
+                    "weights; bf16 rounds to nearest even)")
+    ex.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                    help="largest safetensors file before sharding with an index "
+                    "(default 5GB, as save_pretrained)")
+    ex.set_defaults(func=_export)
     return parser
 
 
@@ -74,6 +92,35 @@ def _generate(args: argparse.Namespace) -> int:
                                     max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, seed=args.seed)
     print(text)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jaxlm.generate import load_params
+    from jaxlm.weights import params_to_hf
+    from lmspec.data import Dataset
+    from lmspec.hf import parse_size, write_hf_folder
+
+    max_shard = parse_size(args.max_shard_size)
+    src = Path(args.run_dir)
+    if args.step is not None:
+        src = src / "checkpoints" / str(args.step) if (src / "checkpoints").is_dir() else src
+    cfg, params, step = load_params(src)
+    import numpy as np
+
+    weights = {k: np.asarray(v, dtype=np.float32)
+               for k, v in params_to_hf(params, cfg.model, cfg.train.scan_layers).items()}
+    tokenizer = Dataset.from_config(cfg, progress=False).tokenizer
+    out = write_hf_folder(args.out, weights, cfg.model, tokenizer, dtype=args.dtype,
+                          max_shard_bytes=max_shard,
+                          extra={"lmspec_export.json": {"framework": "jaxlm",
+                                                        "run_dir": str(Path(args.run_dir)),
+                                                        "step": step,
+                                                        "tokenizer": tokenizer.spec}})
+    print(f"wrote {out} (step {step}, {len(weights)} tensors, {args.dtype}, tokenizer "
+          f"{tokenizer.spec})")
     return 0
 
 

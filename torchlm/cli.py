@@ -3,7 +3,8 @@
     torchlm train CONFIG [k=v ...] [--init-weights FILE] [--dump-grads STEPS]
                   [--dump-params STEPS] [--no-resume]
     torchlm ds-config CONFIG [k=v ...]      (zero.profile=bench: the speed settings)
-    torchlm export OUT_DIR [--tag TAG] [--output FILE]
+    torchlm export OUT_DIR --out DIR [--tag TAG] [--dtype fp32|bf16|fp16]
+    torchlm export OUT_DIR --output FILE [--tag TAG]   (the weights alone)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from lmspec.cli import add_config_args, config_from_args, run
 from lmspec.config import ExperimentConfig
+from lmspec.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,10 +33,23 @@ def _parser() -> argparse.ArgumentParser:
     add_train_args(train)
     ds = sub.add_parser("ds-config", help="print the DeepSpeed config JSON of a config")
     add_config_args(ds)
-    ex = sub.add_parser("export", help="write a checkpoint's fp32 weights as HF safetensors")
+    ex = sub.add_parser(
+        "export", help="write a checkpoint as a Hugging Face model folder (or its weights)",
+        description="--out DIR: a folder that transformers.LlamaForCausalLM.from_pretrained "
+        "and AutoTokenizer.from_pretrained load offline (config.json, model.safetensors, "
+        "sharded above --max-shard-size, generation_config.json, the run's tokenizer). "
+        "--output FILE: the fp32 master weights alone, as one safetensors file.")
     ex.add_argument("out_dir", help="a torchlm train out_dir (holds config.yaml, checkpoints/)")
     ex.add_argument("--tag", help="checkpoint tag, e.g. step00000100 (default: latest)")
-    ex.add_argument("--output", help="file to write (default: OUT_DIR/export_<tag>.safetensors)")
+    ex.add_argument("--out", metavar="DIR",
+                    help="Hugging Face folder to write (must not exist, or be empty)")
+    ex.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="with --out: tensor type written (default fp32, the master weights)")
+    ex.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                    help="with --out: largest safetensors file before sharding (default 5GB)")
+    ex.add_argument("--output", metavar="FILE",
+                    help="write only the weights to FILE (default without --out: "
+                    "OUT_DIR/export_<tag>.safetensors)")
     return parser
 
 
@@ -127,6 +142,27 @@ def _export(args: argparse.Namespace) -> int:
     from torchlm.trainer import latest_checkpoint
 
     tag = args.tag or latest_checkpoint(args.out_dir)
+    if args.out and args.output:
+        raise UserError("torchlm export: give --out DIR (a Hugging Face folder) or --output "
+                        "FILE (the weights alone), not both")
+    if args.out:
+        from lmspec.config import load_config
+        from lmspec.data import Dataset
+        from lmspec.hf import parse_size, write_hf_folder
+
+        max_shard = parse_size(args.max_shard_size)
+        cfg = load_config(f"{args.out_dir}/config.yaml")
+        weights = checkpoint_weights(args.out_dir, tag)
+        tokenizer = Dataset.from_config(cfg, progress=False).tokenizer
+        out = write_hf_folder(args.out, weights, cfg.model, tokenizer, dtype=args.dtype,
+                              max_shard_bytes=max_shard,
+                              extra={"lmspec_export.json": {"framework": "torchlm",
+                                                            "run_dir": str(args.out_dir),
+                                                            "tag": tag,
+                                                            "tokenizer": tokenizer.spec}})
+        print(f"wrote {out} ({tag}, {len(weights)} tensors, {args.dtype}, tokenizer "
+              f"{tokenizer.spec})")
+        return 0
     path = args.output or f"{args.out_dir}/export_{tag}.safetensors"
     check_output_file(path, "--output")
     weights = checkpoint_weights(args.out_dir, tag)

@@ -1,0 +1,160 @@
+"""Hugging Face folders from both trainers (lmspec.hf, `jaxlm export`, `torchlm export
+--out`): transformers' LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained
+load them offline and give the logits and greedy tokens of our own models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmspec.config import load_config
+from lmspec.errors import UserError
+from lmspec.hf import INDEX_FILE, parse_size, write_hf_folder
+from lmspec.tokenizer import ByteTokenizer
+from lmspec.weights import init_weights
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+TEXTS = ["def main(argv):\n    return 0\n", "héllo wörld ☃ 日本", " leading  spaces\t"]
+# a wrong name mapping, transposition or head order gives O(1) logit errors; two fp32
+# implementations of one model differ by ~1e-6 relative here (parity's forward check)
+LOGITS_ATOL = 1e-4
+
+
+def _hf(folder: Path):
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    model = transformers.LlamaForCausalLM.from_pretrained(str(folder),
+                                                          dtype=torch.float32).eval()
+    return tok, model
+
+
+def _hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def test_byte_tokenizer_json_is_the_byte_tokenizer(tmp_path):
+    cfg = load_config(TINY)
+    write_hf_folder(tmp_path / "hf", init_weights(cfg.model, 0), cfg.model, ByteTokenizer())
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ours = ByteTokenizer()
+    for text in TEXTS:
+        ids = tok(text).input_ids
+        assert ids == ours.encode(text), text  # no bos/eos added, one id per byte
+        assert tok.decode(ids) == text
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (256, 257, 258)
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (conf["bos_token_id"], conf["eos_token_id"], conf["pad_token_id"]) == (256, 257, 258)
+    assert conf["torch_dtype"] == "float32" and conf["use_cache"] is True
+
+
+@pytest.mark.parametrize("dtype,shard", [("fp32", None), ("bf16", "2MB")])
+def test_folder_loads_with_our_logits_sharded_and_in_bf16(tmp_path, dtype, shard):
+    from jaxlm.api import logits as jax_logits
+
+    cfg = load_config(TINY)
+    weights = init_weights(cfg.model, 3)
+    kw = {"max_shard_bytes": parse_size(shard)} if shard else {}
+    out = write_hf_folder(tmp_path / "hf", weights, cfg.model, ByteTokenizer(), dtype=dtype,
+                          **kw)
+    files = sorted(p.name for p in out.iterdir())
+    if shard:
+        index = json.loads((out / INDEX_FILE).read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert len(shards) > 1 and all(s in files for s in shards)
+        assert "model.safetensors" not in files
+    else:
+        assert "model.safetensors" in files
+    tok, model = _hf(out)
+    if dtype == "bf16":  # the stored values are the bf16 roundings torch makes
+        name = "model.layers.0.mlp.up_proj.weight"
+        got = model.state_dict()[name].numpy()
+        want = torch.from_numpy(weights[name]).to(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(got, want)
+        weights = {k: torch.from_numpy(v).to(torch.bfloat16).float().numpy()
+                   for k, v in weights.items()}
+    ids = tok(TEXTS[0]).input_ids
+    ref = jax_logits(cfg, weights, np.asarray([ids]), "fp32")[0]
+    got = _hf_logits(model, ids)
+    assert np.abs(got - ref).max() <= LOGITS_ATOL
+
+
+def test_export_refuses_a_non_empty_out_and_bad_sizes(tmp_path):
+    cfg = load_config(TINY)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists and is not an empty folder"):
+        write_hf_folder(tmp_path / "hf", init_weights(cfg.model, 0), cfg.model,
+                        ByteTokenizer())
+    assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary left behind
+    for bad in ("five", "0", "-1GB"):
+        with pytest.raises(UserError, match="size"):
+            parse_size(bad)
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 1024**2
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_jaxlm_train_export_then_transformers_generates_the_same(tmp_path):
+    from jaxlm.api import logits as jax_logits
+    from jaxlm.generate import generate_from_checkpoint, load_params
+    from jaxlm.weights import params_to_hf
+
+    run = tmp_path / "run"
+    _run([sys.executable, "-m", "jaxlm.cli", "train", str(TINY), f"train.out_dir={run}",
+          "train.steps=12", "train.eval_every=0", "--no-progress"])
+    _run([sys.executable, "-m", "jaxlm.cli", "export", str(run), "--out",
+          str(tmp_path / "hf")])
+    tok, model = _hf(tmp_path / "hf")
+    cfg, params, step = load_params(run)
+    assert step == 12
+    weights = {k: np.asarray(v) for k, v in
+               params_to_hf(params, cfg.model, cfg.train.scan_layers).items()}
+    prompt = "import os\nimport sys\n"
+    ids = tok(prompt).input_ids
+    diff = np.abs(_hf_logits(model, ids)
+                  - jax_logits(cfg, weights, np.asarray([ids]), "fp32")[0]).max()
+    print(f"exported jaxlm checkpoint: max |logits_hf - logits_jax| = {diff:.2e}")
+    assert diff <= LOGITS_ATOL
+    ours = generate_from_checkpoint(run, prompt, max_new_tokens=20)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
+                             eos_token_id=None)
+    assert tok.decode(out[0]) == ours
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_torchlm_train_export_folder_loads_with_its_logits(tmp_path):
+    from torchlm.api import logits as torch_logits
+    from torchlm.export import checkpoint_weights
+
+    run = tmp_path / "run"
+    _run([sys.executable, "-m", "torchlm.cli", "train", str(TINY), f"train.out_dir={run}",
+          "train.steps=3", "train.eval_every=0", "zero.stage=1", "--no-progress"])
+    _run([sys.executable, "-m", "torchlm.cli", "export", str(run), "--out",
+          str(tmp_path / "hf")])
+    tok, model = _hf(tmp_path / "hf")
+    cfg = load_config(run / "config.yaml")
+    weights = checkpoint_weights(run)
+    ids = tok(TEXTS[1]).input_ids
+    ref = torch_logits(cfg, weights, np.asarray([ids]), "fp32")[0]
+    assert np.abs(_hf_logits(model, ids) - ref).max() <= LOGITS_ATOL
+    meta = json.loads((tmp_path / "hf" / "lmspec_export.json").read_text())
+    assert meta["framework"] == "torchlm" and meta["tag"].startswith("step")
