@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    from lmspec.runs import for_framework
+
+    cfg = for_framework(config_from_args(args), "jax")
     flags = train_args(args, cfg)
     import jax
 

@@ -241,6 +241,7 @@ def open_run(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None,
     out = Path(cfg.train.out_dir)
     if main:  # before any work: a run that cannot write its results stops here
         ensure_writable_dir(out, "train.out_dir")
+        runs.check_run_owner(out, "jax")
     init_tensors = None
     if init_weights is not None:
         init_tensors = lw.load_safetensors(init_weights)

@@ -212,7 +212,7 @@ class TrainConfig:
     micro_batch_size: int = 1
     precision: str = "fp32"
     seed: int = 0
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default-{framework}"  # {framework}: jax or ds (lmspec.runs)
     log_every: int = 1
     eval_every: int = 0  # 0 = no periodic validation
     eval_batches: int = 2

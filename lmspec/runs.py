@@ -190,3 +190,53 @@ def write_run_summary(out_dir: str | os.PathLike, summary: dict[str, Any]) -> Pa
     if missing:
         raise ValueError(f"run summary lacks fields {missing}")
     return atomic_write_json(Path(out_dir) / RUN_SUMMARY, summary)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+# ``{framework}`` in train.out_dir becomes this per trainer, so that `jaxlm train` and
+# `torchlm train` of one config never share a folder
+FRAMEWORK_NAMES = {"jax": "jax", "torch": "ds"}
+FRAMEWORK_PLACEHOLDER = "{framework}"
+
+
+def for_framework(cfg: ExperimentConfig, side: str) -> ExperimentConfig:
+    """``cfg`` with ``{framework}`` in ``train.out_dir`` replaced by this trainer's name
+    (``jax`` or ``ds``); unchanged when there is none."""
+    from dataclasses import replace
+
+    out = cfg.train.out_dir
+    if FRAMEWORK_PLACEHOLDER not in out:
+        return cfg
+    return replace(cfg, train=replace(
+        cfg.train, out_dir=out.replace(FRAMEWORK_PLACEHOLDER, FRAMEWORK_NAMES[side])))
+
+
+def check_run_owner(out_dir: str | os.PathLike, side: str) -> None:
+    """A UserError when ``out_dir`` holds the other trainer's run (its checkpoints or its
+    run summary): resuming, or starting over, there would mix or replace its files."""
+    import json
+
+    out = Path(out_dir)
+    ck = out / "checkpoints"
+    other = None
+    if ck.is_dir():
+        names = [p.name for p in ck.iterdir()]
+        if side == "jax" and ("latest" in names or any(n.startswith("step") for n in names)):
+            other = "DeepSpeed (torchlm) checkpoints"
+        if side == "torch" and any(n.isdigit() for n in names):
+            other = "Orbax (jaxlm) checkpoints"
+    summary = out / "run_summary.json"
+    if other is None and summary.is_file():
+        try:
+            theirs = json.loads(summary.read_text()).get("side")
+        except (OSError, ValueError, AttributeError):
+            theirs = None
+        if theirs in FRAMEWORK_NAMES and theirs != side:
+            other = f"a {'jaxlm' if theirs == 'jax' else 'torchlm'} run (run_summary.json)"
+    if other is not None:
+        mine = "jaxlm" if side == "jax" else "torchlm"
+        raise UserError(
+            f"train.out_dir={out} holds {other}; {mine} will not resume from, or write over, "
+            "another trainer's run. Choose another train.out_dir (e.g. put {framework} in "
+            "it: runs/NAME-{framework} becomes runs/NAME-jax and runs/NAME-ds)")

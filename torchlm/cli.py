@@ -57,7 +57,9 @@ def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "export":
         return _export(args)
-    cfg = config_from_args(args)
+    from lmspec.runs import check_run_owner, for_framework
+
+    cfg = for_framework(config_from_args(args), "torch")
     if args.command == "ds-config":
         from torchlm.ds_config import build_ds_config, optimizer_spec
 
@@ -74,6 +76,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.init_weights:
         check_weights_file(cfg, args.init_weights)
     ensure_writable_dir(cfg.train.out_dir, "train.out_dir")
+    check_run_owner(cfg.train.out_dir, "torch")
     if not args.no_resume:
         _check_resumable(cfg)
     # build the token cache once, with a progress bar, before the workers start

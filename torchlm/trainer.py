@@ -58,6 +58,7 @@ from lmspec.metrics import MetricsWriter
 from lmspec.nonfinite import EXIT_NON_FINITE, STOP_FILE, Guard, NonFiniteError
 from lmspec.runs import (
     add_train_args,
+    for_framework,
     peak_rss_bytes,
     run_summary,
     train_args,
@@ -557,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = for_framework(load_config(args.config, args.overrides), "torch")
     _fill_single_process_env()
     # DeepSpeed calls torch.distributed APIs that torch marks deprecated (noise per step)
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated",
