@@ -244,8 +244,9 @@ def open_run(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None,
         runs.check_run_owner(out, "jax")
     init_tensors = None
     if init_weights is not None:
-        init_tensors = lw.load_safetensors(init_weights)
-        lw.check_names(cfg.model, init_tensors, f"--init-weights {init_weights}")
+        from lmspec.hf import load_init_weights
+
+        init_tensors = load_init_weights(init_weights, cfg.model)
     setup = build_setup(cfg)
     if dataset is None:
         dataset = Dataset.from_config(cfg, progress=progress and main)

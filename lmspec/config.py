@@ -610,9 +610,23 @@ def _apply_override(data: dict, parts: list[str], value: str) -> None:
 def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Build and validate an :class:`ExperimentConfig` from a plain dict."""
     data = dict(data)
+    from_hf = None
+    if isinstance(data.get("model"), dict) and "from_hf" in data["model"]:
+        data["model"] = dict(data["model"])
+        from_hf = str(data["model"].pop("from_hf"))
     for text in overrides:
         parts, value = parse_override(text)
+        if parts == ["model", "from_hf"]:
+            from_hf = value
+            continue
         _apply_override(data, parts, value)
+    if from_hf:
+        # model.from_hf=DIR: the model section from a Hugging Face folder's config.json
+        from lmspec.hf import model_values, read_config
+
+        model = dict(data["model"]) if isinstance(data.get("model"), dict) else {}
+        model.update(model_values(read_config(from_hf)))
+        data["model"] = model
     cfg = _build(ExperimentConfig, data, "")
     return cfg.validate()
 

@@ -268,3 +268,162 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ----------------------------------------------------------------------------- reading
+
+# the model section's keys, as config.json names them
+MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+              "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+_ST_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a Llama folder; a UserError when it is missing, not JSON, not a
+    Llama or uses a feature our model does not have (named)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: no config.json (a Hugging Face model folder has one)")
+    try:
+        conf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(conf, dict):
+        raise UserError(f"{path}: not a JSON object")
+    kind = conf.get("model_type")
+    if kind != "llama":
+        raise UserError(f"{path}: model_type {kind!r}; only 'llama' (LlamaForCausalLM) "
+                        "folders map onto this model")
+    unsupported = []
+    if conf.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={conf['hidden_act']!r} (ours: silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if conf.get(key):
+            unsupported.append(f"{key}=true (ours: no biases)")
+    scaling = conf.get("rope_scaling") or (conf.get("rope_parameters") or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else None
+    if rope_type not in (None, "default"):
+        unsupported.append(f"rope scaling {rope_type!r} (ours: plain RoPE)")
+    hidden, heads = conf.get("hidden_size"), conf.get("num_attention_heads")
+    if conf.get("head_dim") not in (None, (hidden // heads) if hidden and heads else None):
+        unsupported.append(f"head_dim={conf['head_dim']} != hidden_size / "
+                           f"num_attention_heads (ours derives it)")
+    if unsupported:
+        raise UserError(f"{path}: {'; '.join(unsupported)}")
+    return conf
+
+
+def model_values(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """The model section's values from a ``config.json`` (LlamaConfig's defaults where a
+    key is absent)."""
+    rope = conf.get("rope_theta")
+    if rope is None:
+        rope = (conf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    out = {k: conf[k] for k in MODEL_KEYS if k in conf and k != "rope_theta"}
+    out["rope_theta"] = float(rope)
+    out.setdefault("num_key_value_heads", conf.get("num_attention_heads"))
+    out.setdefault("tie_word_embeddings", False)
+    missing = [k for k in MODEL_KEYS if out.get(k) is None and k not in
+               ("max_position_embeddings", "rms_norm_eps")]
+    if missing:
+        raise UserError(f"config.json lacks {missing}")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def check_config(model: ModelConfig, conf: Mapping[str, Any], where: str) -> None:
+    """A UserError naming every key where ``config.json`` and the model section differ
+    (``model.from_hf=DIR`` takes them all from the folder)."""
+    diffs = [f"model.{k}={getattr(model, k)!r} but config.json {k}={v!r}"
+             for k, v in model_values(conf).items() if getattr(model, k) != v]
+    if diffs:
+        raise UserError(f"{where}: the folder's config.json is another model: "
+                        + "; ".join(diffs) + " (model.from_hf=DIR takes the folder's values)")
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as fp32 numpy (F32, F16, BF16, F64), read
+    without torch; a UserError naming the file when it is not a complete safetensors
+    file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or n > len(data) - 8:
+            raise ValueError("header longer than the file")
+        header = json.loads(data[8:8 + n])
+        body = memoryview(data)[8 + n:]
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dt = info["dtype"]
+            if dt not in _ST_DTYPES:
+                raise ValueError(f"tensor {name}: dtype {dt} (expected F32, F16, BF16, F64)")
+            a, b = info["data_offsets"]
+            if b > len(body):
+                raise ValueError(f"tensor {name} runs past the end (truncated?)")
+            raw = np.frombuffer(body[a:b], dtype=_ST_DTYPES[dt])
+            if dt == "BF16":
+                arr = (raw.astype(np.uint32) << 16).view(np.float32)
+            else:
+                arr = raw.astype(np.float32)
+            out[name] = arr.reshape(info["shape"])
+        return out
+    except OSError as e:
+        raise UserError(f"weights file {path}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"weights file {path} is not a readable safetensors file ({e}); is "
+                        "it truncated or another format?") from None
+
+
+def read_weights(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """fp32 weights of a folder: ``model.safetensors``, or the shards its
+    ``model.safetensors.index.json`` names (each checked to exist)."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a safetensors index ({e})") from None
+        out: dict[str, np.ndarray] = {}
+        for fname in sorted(set(weight_map.values())):
+            shard = read_safetensors(folder / fname)
+            out.update({k: v for k, v in shard.items() if weight_map.get(k) == fname})
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise UserError(f"{index} names tensors its shards do not hold: {missing[:5]}")
+        return out
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise UserError(f"{folder}: neither model.safetensors nor {INDEX_FILE}")
+    return read_safetensors(single)
+
+
+def load_init_weights(path: str | os.PathLike, model: ModelConfig) -> dict[str, np.ndarray]:
+    """``--init-weights``: a safetensors file or a Hugging Face folder (its config.json
+    checked against ``model``, naming every difference), fp32/bf16/fp16 tensors, names
+    and shapes checked strictly; fp32 numpy out."""
+    from lmspec.weights import check_names
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"--init-weights {p}: a folder without config.json; give a "
+                            "Hugging Face model folder or a .safetensors file")
+        check_config(model, read_config(p), f"--init-weights {p}")
+        weights = read_weights(p)
+    elif p.is_file():
+        weights = read_safetensors(p)
+    else:
+        from lmspec.errors import UserFileNotFoundError
+
+        raise UserFileNotFoundError(f"--init-weights {p}: no such file or folder")
+    check_names(model, weights, f"--init-weights {p}")
+    return weights

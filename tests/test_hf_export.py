@@ -158,3 +158,59 @@ def test_torchlm_train_export_folder_loads_with_its_logits(tmp_path):
     assert np.abs(_hf_logits(model, ids) - ref).max() <= LOGITS_ATOL
     meta = json.loads((tmp_path / "hf" / "lmspec_export.json").read_text())
     assert meta["framework"] == "torchlm" and meta["tag"].startswith("step")
+
+
+def test_hf_folder_in_jaxlm_train_and_out_again(tmp_path):
+    """A folder transformers wrote (bf16, sharded) -> `jaxlm train model.from_hf=DIR
+    --init-weights DIR` (lr 0: the weights stay) -> `jaxlm export` -> the same weights
+    and logits as the folder we started from."""
+    from dataclasses import replace
+
+    from torchlm.api import hf_model
+
+    cfg = load_config(TINY)
+    model_cfg = replace(cfg.model, hidden_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=320)
+    src = tmp_path / "src"
+    model = hf_model(model_cfg, init_weights(model_cfg, 5)).to(torch.bfloat16)
+    model.save_pretrained(str(src), max_shard_size="400KB")
+    assert (src / INDEX_FILE).is_file()  # sharded, as transformers shards
+    run, out = tmp_path / "run", tmp_path / "out"
+    _run([sys.executable, "-m", "jaxlm.cli", "train", str(TINY), f"model.from_hf={src}",
+          "--init-weights", str(src), f"train.out_dir={run}", "train.steps=2",
+          "optim.lr=0", "train.eval_every=0", "--no-progress"])
+    saved = load_config(run / "config.yaml")
+    assert saved.model == model_cfg  # the model section came from config.json
+    _run([sys.executable, "-m", "jaxlm.cli", "export", str(run), "--out", str(out)])
+    from lmspec.hf import read_weights
+
+    a, b = read_weights(src), read_weights(out)
+    assert sorted(a) == sorted(b)
+    for k in a:  # bf16 in, fp32 masters unchanged by lr 0, fp32 out: exact
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    m_src = transformers.LlamaForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    tok, m_out = _hf(out)
+    ids = tok(TEXTS[0]).input_ids
+    diff = np.abs(_hf_logits(m_src.eval(), ids) - _hf_logits(m_out, ids)).max()
+    print(f"HF -> jaxlm -> HF round trip: max |logits difference| = {diff:.1e}")
+    assert diff == 0.0
+
+
+def test_init_weights_folder_of_another_model_names_every_difference(tmp_path):
+    from dataclasses import replace
+
+    from lmspec.hf import load_init_weights
+
+    cfg = load_config(TINY)
+    other = replace(cfg.model, hidden_size=128, num_attention_heads=4, vocab_size=300)
+    write_hf_folder(tmp_path / "hf", init_weights(other, 0), other, ByteTokenizer())
+    with pytest.raises(UserError) as e:
+        load_init_weights(tmp_path / "hf", cfg.model)
+    msg = str(e.value)
+    for key in ("hidden_size", "num_attention_heads", "vocab_size"):
+        assert f"model.{key}=" in msg and f"config.json {key}=" in msg, msg
+    assert "intermediate_size" not in msg  # only what differs
+    with pytest.raises(UserError, match="without config.json"):
+        (tmp_path / "empty").mkdir()
+        load_init_weights(tmp_path / "empty", cfg.model)
+    assert load_config(TINY, [f"model.from_hf={tmp_path / 'hf'}"]).model == other

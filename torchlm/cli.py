@@ -181,6 +181,11 @@ def check_weights_file(cfg: ExperimentConfig, path: str) -> None:
 
     from lmspec.weights import check_names, safetensors_shapes
 
+    if Path(path).is_dir():  # a Hugging Face folder: config.json, names and shapes
+        from lmspec.hf import load_init_weights
+
+        load_init_weights(path, cfg.model)
+        return
     shapes = {k: SimpleNamespace(shape=v) for k, v in safetensors_shapes(path).items()}
     check_names(cfg.model, shapes, f"--init-weights {path}")
 

@@ -66,7 +66,6 @@ from lmspec.runs import (
     write_run_summary,
 )
 from lmspec.weights import init_weights
-from lmspec.weights import load_safetensors as load_np_safetensors
 from lmspec.weights import save_safetensors as save_np_safetensors
 from torchlm.api import configure_torch
 from torchlm.ds_config import build_ds_config, build_optimizer, build_scheduler, model_attention
@@ -226,7 +225,9 @@ class Trainer:
 
         model = Llama(cfg.model, attention=model_attention(cfg))
         if args.init_weights:
-            self.init_weights = load_np_safetensors(args.init_weights)
+            from lmspec.hf import load_init_weights
+
+            self.init_weights = load_init_weights(args.init_weights, cfg.model)
             load_numpy(model, self.init_weights, where=args.init_weights)
         else:
             self.init_weights = init_weights(cfg.model, cfg.train.seed)
