@@ -10,9 +10,9 @@ Users write parity cases as tests::
 steps=None, **options)`` runs the harness (:func:`parity.run.run_parity`) and returns its
 result dict; when a check fails it fails the test with every failing check and its
 number. ``steps`` is an int (both precisions) or ``{"fp32": n, "bf16": m}``; by default
-the issue's 20 and 50. ``--parity-report-dir DIR`` keeps each case's reports under
-``DIR/<test name>/``; otherwise they go to the test's ``tmp_path``. At the end a table of
-every case's checks is printed.
+the checks' windows, 20 and 50 (parity/limits.py). ``--parity-report-dir DIR`` keeps
+each case's reports under ``DIR/<test name>/``; otherwise they go to the test's
+``tmp_path``. At the end a table of every case's checks is printed.
 
 Loaded in every pytest run of the project, so it imports neither jax nor torch at import
 time; the harness is imported only when a case runs.

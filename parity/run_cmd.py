@@ -42,9 +42,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--precisions", type=_str_list, default=("fp32", "bf16"), metavar="LIST",
                    help="precisions to run (default fp32,bf16)")
     p.add_argument("--steps-fp32", type=int, default=FP32_LOSS_STEPS, metavar="N",
-                   help=f"fp32 training steps (default {FP32_LOSS_STEPS}, the issue's count)")
+                   help=f"fp32 training steps (default {FP32_LOSS_STEPS}: the fp32 loss "
+                   "check's window)")
     p.add_argument("--steps-bf16", type=int, default=BF16_STEPS, metavar="N",
-                   help=f"bf16 training steps (default {BF16_STEPS}, the issue's count)")
+                   help=f"bf16 training steps (default {BF16_STEPS}: the bf16 loss-curve "
+                   "check's window)")
     p.add_argument("--jax-devices", type=int, default=None, metavar="N",
                    help="virtual CPU devices of the JAX trainer (default: zero.world_size; "
                    "ignored on GPU)")

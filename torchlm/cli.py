@@ -23,7 +23,10 @@ from lmspec.errors import UserError
 def _parser() -> argparse.ArgumentParser:
     from torchlm.trainer import add_train_args
 
-    parser = argparse.ArgumentParser(prog="torchlm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="torchlm", description="PyTorch Llama trained under DeepSpeed ZeRO: train "
+        "(DeepSpeed workers through torchrun), ds-config (the DeepSpeed JSON of a config, "
+        "for your own launcher), export (a Hugging Face folder).")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train", help="train with DeepSpeed ZeRO on zero.world_size local processes",

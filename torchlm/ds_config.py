@@ -27,10 +27,11 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int | None = None) -> dic
     :func:`build_optimizer` and the fused attention of :func:`model_attention`). Both keep
     the same precision policy, so they train the same math.
 
-    bf16 follows ``PARITY.md``: gradients accumulated (``data_types.grad_accum_dtype``)
-    and reduced (``communication_data_type``) in fp32 so that both sides sum the same
-    fp32 gradients (except ZeRO 0, see below). ``gradient_clipping`` 0 means off, as
-    ``optim.grad_clip`` 0.
+    bf16 follows the parity policy (docs/parity.md): gradients accumulated
+    (``data_types.grad_accum_dtype``) and reduced (``communication_data_type``) in fp32 so
+    that both sides sum the same fp32 gradients (except ZeRO 0, see below).
+    ``gradient_clipping`` 0 means off, as ``optim.grad_clip`` 0. The seed is ours
+    (``train.seed``: weights and data order), not a DeepSpeed key.
     """
     ws = cfg.zero.world_size if world_size is None else world_size
     t = cfg.train
@@ -51,7 +52,6 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int | None = None) -> dic
         "fp16": {"enabled": False},
         "steps_per_print": None,  # no DeepSpeed progress lines
         "wall_clock_breakdown": False,
-        "seed": t.seed,
         # torch.optim.AdamW is on DeepSpeed's ZeRO list; this only silences the check
         "zero_allow_untested_optimizer": True,
     }

@@ -1,6 +1,6 @@
 """Llama decoder as a plain single-device PyTorch module (the reference side).
 
-Numerics follow the shared spec (notes COMMON.md / ``lmspec``) and Hugging Face's
+Numerics follow the shared spec (``lmspec``, docs/lmspec.md) and Hugging Face's
 ``modeling_llama``: RMSNorm statistics in fp32 (HF order), half-split rotary embeddings
 with cos/sin computed in fp32 then cast, grouped-query attention through
 ``F.scaled_dot_product_attention(is_causal=True)``, SwiGLU MLP, optional tied
