@@ -54,7 +54,6 @@ class Recorder:
         self.device_kind = device_kind
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.writer = MetricsWriter(out / "metrics.jsonl", start_step=start) if main else None
-        self.tb = _tensorboard(out) if main else None
         self.bar = None
         if main and progress:
             from tqdm import tqdm
@@ -126,8 +125,7 @@ class Recorder:
             rec["update_skipped"] = True  # (also on the step that stopped the run)
         for name, values in p.extra.items():
             rec[name] = float(np.mean([float(v) for v in jax.device_get(values)]))
-        self.writer.write(rec)
-        _tb_write(self.tb, rec)
+        self.writer.write(rec)  # metrics.jsonl and TensorBoard (out/tb)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps * self.num_devices:.0f}")
@@ -135,23 +133,6 @@ class Recorder:
             self.say(f"step {p.step} loss {loss:.4f} tokens/s/device {tps:.0f}")
 
     def close(self) -> None:
-        for closer in (self.bar, self.writer, self.tb):
+        for closer in (self.bar, self.writer):
             if closer is not None:
                 closer.close()
-
-
-def _tensorboard(out: Path) -> Any:
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # pragma: no cover - listed in the dependencies
-        return None
-    return SummaryWriter(logdir=str(out / "tb"))
-
-
-def _tb_write(tb: Any, rec: dict[str, Any]) -> None:
-    if tb is None:
-        return
-    for k in ("loss", "grad_norm", "lr", "tokens_per_s", "val_loss", "mfu"):
-        v = rec.get(k)
-        if v is not None:
-            tb.add_scalar(f"train/{k}", v, rec["step"])

@@ -35,6 +35,36 @@ REQUIRED_FIELDS = (
 OPTIONAL_FIELDS = ("val_loss", "batch_fingerprint_parts", "update_skipped")
 
 
+# TensorBoard scalars: train/<field> for each of these a record carries
+TENSORBOARD_FIELDS = ("loss", "grad_norm", "lr", "tokens_per_s", "val_loss", "mfu")
+
+
+class TensorBoardLog:
+    """TensorBoard events (tensorboardX) of metrics records: ``train/<field>`` per step,
+    the tags of :data:`TENSORBOARD_FIELDS`; a no-op where tensorboardX is missing."""
+
+    def __init__(self, logdir: str | os.PathLike) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # pragma: no cover - a declared dependency
+            self.w = None
+            return
+        self.w = SummaryWriter(logdir=str(logdir))
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if self.w is None:
+            return
+        for k in TENSORBOARD_FIELDS:
+            v = rec.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self.w.add_scalar(f"train/{k}", v, rec["step"])
+        self.w.flush()
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+
+
 class MetricsWriter:
     """Appends records to ``metrics.jsonl``; each line is flushed and fsynced.
 
@@ -42,7 +72,8 @@ class MetricsWriter:
     crashed after writing a step it had not checkpointed does not repeat that step.
     """
 
-    def __init__(self, path: str | os.PathLike, start_step: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike, start_step: int = 0,
+                 tensorboard: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
@@ -51,6 +82,8 @@ class MetricsWriter:
 
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._f = open(self.path, "a", encoding="utf-8")
+        # the same scalars as TensorBoard events in <run>/tb (both trainers: one helper)
+        self.tb = TensorBoardLog(self.path.parent / "tb") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         missing = [k for k in REQUIRED_FIELDS if k not in record]
@@ -61,9 +94,13 @@ class MetricsWriter:
         self._f.write(json.dumps(clean) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
+        if self.tb is not None:
+            self.tb.write(clean)
 
     def close(self) -> None:
         self._f.close()
+        if self.tb is not None:
+            self.tb.close()
 
     def __enter__(self) -> MetricsWriter:
         return self

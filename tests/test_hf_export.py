@@ -28,6 +28,16 @@ TEXTS = ["def main(argv):\n    return 0\n", "héllo wörld ☃ 日本", " leadin
 # a wrong name mapping, transposition or head order gives O(1) logit errors; two fp32
 # implementations of one model differ by ~1e-6 relative here (parity's forward check)
 LOGITS_ATOL = 1e-4
+# TensorBoard tags both trainers write (lmspec.metrics; mfu is none on a CPU)
+TB_TAGS = {"train/loss", "train/grad_norm", "train/lr", "train/tokens_per_s"}
+
+
+def _tb_tags(logdir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
 
 
 def _hf(folder: Path):
@@ -121,6 +131,7 @@ def test_jaxlm_train_export_then_transformers_generates_the_same(tmp_path):
           "train.steps=12", "train.eval_every=0", "--no-progress"])
     _run([sys.executable, "-m", "jaxlm.cli", "export", str(run), "--out",
           str(tmp_path / "hf")])
+    assert _tb_tags(run / "tb") == TB_TAGS
     tok, model = _hf(tmp_path / "hf")
     cfg, params, step = load_params(run)
     assert step == 12
@@ -150,6 +161,7 @@ def test_torchlm_train_export_folder_loads_with_its_logits(tmp_path):
           "train.steps=3", "train.eval_every=0", "zero.stage=1", "--no-progress"])
     _run([sys.executable, "-m", "torchlm.cli", "export", str(run), "--out",
           str(tmp_path / "hf")])
+    assert _tb_tags(run / "tb") == TB_TAGS  # the same tags as jaxlm's runs
     tok, model = _hf(tmp_path / "hf")
     cfg = load_config(run / "config.yaml")
     weights = checkpoint_weights(run)

@@ -120,3 +120,27 @@ def test_damaged_metrics_file_is_a_user_error_with_the_fix(tmp_path):
         with pytest.raises(UserError, match=where) as e:
             read_metrics(p, strict=False)
         assert "--no-resume" in str(e.value)
+
+
+def _tb_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_metrics_writer_writes_the_tensorboard_tags(tmp_path):
+    """One helper for both trainers: every record's figures as train/<field> scalars in
+    <run>/tb, readable by the `tensorboard` program's own reader."""
+    from lmspec.metrics import TENSORBOARD_FIELDS
+
+    pytest.importorskip("tensorboard")
+    with MetricsWriter(tmp_path / "metrics.jsonl") as w:
+        for step in range(3):
+            w.write({**{k: 1.0 for k in REQUIRED_FIELDS}, "step": step,
+                     "loss": 5.0 - step, "mfu": None, "batch_fingerprint": "ab",
+                     "val_loss": 4.0})
+    scalars = _tb_scalars(tmp_path / "tb")
+    assert set(scalars) == {f"train/{k}" for k in TENSORBOARD_FIELDS if k != "mfu"}
+    assert scalars["train/loss"] == [(0, 5.0), (1, 4.0), (2, 3.0)]
