@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -88,10 +89,13 @@ def check_sampling(*, max_new_tokens: int, temperature: float) -> None:
 
 def sample(cfg: ExperimentConfig, params: dict, prompt_ids: list[int], *,
            max_new_tokens: int, temperature: float, seed: int,
-           eos_id: int | None = None, num_ids: int | None = None) -> list[int]:
+           eos_id: int | None = None, num_ids: int | None = None,
+           cache: bool = True) -> list[int]:
     """Token ids after ``prompt_ids`` (fp32 forward). ``num_ids``: only ids below it are
     drawn (the tokenizer's vocabulary, when ``model.vocab_size`` is padded past it: an id
-    the tokenizer cannot decode would end the command with an error)."""
+    the tokenizer cannot decode would end the command with an error). ``cache``: a
+    key/value cache (prefill the prompt, then one token per step); False recomputes the
+    whole prefix for every token (the reference the cache is tested against)."""
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature)
     if not prompt_ids:
         raise UserError(f"--prompt: the prompt encodes to no tokens; {HELP}")
@@ -106,19 +110,41 @@ def sample(cfg: ExperimentConfig, params: dict, prompt_ids: list[int], *,
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(
         cfg.model, rngs=nnx.Rngs(0), scan_layers=cfg.train.scan_layers)))
 
-    @jax.jit
-    def next_token(params: dict, buf_1t: jax.Array, pos: jax.Array, key: jax.Array
-                   ) -> jax.Array:
-        logits_v = nnx.merge(graphdef, params)(buf_1t)[0, pos - 1]
+    def pick(logits_v: jax.Array, key: jax.Array) -> jax.Array:
         logits_v = jnp.where(jnp.arange(logits_v.shape[0]) < num_ids, logits_v, -jnp.inf)
         if temperature == 0:
             return jnp.argmax(logits_v).astype(jnp.int32)
         return jax.random.categorical(key, logits_v / temperature).astype(jnp.int32)
 
-    buf = np.zeros((1, total), np.int32)
-    buf[0, : len(prompt_ids)] = prompt_ids
     key = jax.random.key(seed)
     out: list[int] = []
+    if cache:
+        @jax.jit
+        def step(params: dict, toks_1t: jax.Array, kv: Any, pos: jax.Array, key: jax.Array
+                 ) -> tuple[jax.Array, Any]:
+            logits_1tv, kv = nnx.merge(graphdef, params).decode(toks_1t, kv, pos)
+            return pick(logits_1tv[0, -1], key), kv
+
+        kv = nnx.merge(graphdef, params).init_cache(1, total)
+        toks = jnp.asarray([prompt_ids], jnp.int32)  # prefill, then one token a step
+        pos = 0
+        for i in range(max_new_tokens):
+            tok_j, kv = step(params, toks, kv, jnp.int32(pos), jax.random.fold_in(key, i))
+            tok = int(tok_j)
+            out.append(tok)
+            if eos_id is not None and tok == eos_id:
+                break
+            pos += toks.shape[1]
+            toks = jnp.asarray([[tok]], jnp.int32)
+        return out
+
+    @jax.jit
+    def next_token(params: dict, buf_1t: jax.Array, pos: jax.Array, key: jax.Array
+                   ) -> jax.Array:
+        return pick(nnx.merge(graphdef, params)(buf_1t)[0, pos - 1], key)
+
+    buf = np.zeros((1, total), np.int32)
+    buf[0, : len(prompt_ids)] = prompt_ids
     buf_j = jnp.asarray(buf)
     for i in range(max_new_tokens):
         pos = len(prompt_ids) + i

@@ -48,6 +48,9 @@ ACT_BTF = ("act_batch", "act_seq", "act_mlp")
 ACT_BTV = ("act_batch", "act_seq", "act_vocab")
 
 
+# generation's key/value cache: (keys, values), (B, S, kv_heads, head_dim) per layer
+KVCache = tuple[jax.Array, jax.Array]
+
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...],
            *, ones: bool = False) -> nnx.Param:
     """An fp32 parameter with logical axis names; N(0, 0.02) or ones (norm gains)."""
@@ -85,11 +88,12 @@ class RMSNorm(nnx.Module):
         return (scale_d.astype(jnp.float32) * y_btd.astype(jnp.float32)).astype(out_dtype)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, dtype: Any
-                 ) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables (T, Q) of HF Llama's rotary embedding, computed in fp32."""
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, dtype: Any,
+                 start: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables (T, Q) of HF Llama's rotary embedding at positions start..start+T-1,
+    computed in fp32."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    pos_t = jnp.arange(seq_len, dtype=jnp.float32)
+    pos_t = jnp.arange(seq_len, dtype=jnp.float32) + jnp.asarray(start, jnp.float32)
     freqs_tq2 = jnp.outer(pos_t, inv_freq)
     emb_tq = jnp.concatenate([freqs_tq2, freqs_tq2], axis=-1)
     return jnp.cos(emb_tq).astype(dtype), jnp.sin(emb_tq).astype(dtype)
@@ -121,7 +125,11 @@ class Attention(nnx.Module):
         self.dtype = dtype
         self.attention = attention
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, kv: KVCache | None = None,
+                 pos: jax.Array | None = None) -> Any:
+        """Attention output (B, T, D); with ``kv`` (generation): the T new tokens sit at
+        positions pos..pos+T-1, their keys and values are written into the cache and
+        they attend to every cached position up to their own; returns (output, cache)."""
         dt = self.dtype
         q_bthq = dot.einsum("btd,dhq->bthq", x_btd, self.q_dhq[...].astype(dt))
         k_btkq = dot.einsum("btd,dkq->btkq", x_btd, self.k_dkq[...].astype(dt))
@@ -129,17 +137,32 @@ class Attention(nnx.Module):
         q_bthq = constrain(q_bthq, ACT_BTHQ)
         k_btkq = constrain(k_btkq, ACT_BTKQ)
         v_btkq = constrain(v_btkq, ACT_BTKQ)
-        cos_tq, sin_tq = rope_cos_sin(x_btd.shape[1], q_bthq.shape[-1], self.theta, dt)
+        start = 0 if kv is None else pos
+        cos_tq, sin_tq = rope_cos_sin(x_btd.shape[1], q_bthq.shape[-1], self.theta, dt,
+                                      start=start)
         q_bthq = apply_rope(q_bthq, cos_tq, sin_tq)
         k_btkq = apply_rope(k_btkq, cos_tq, sin_tq)
         # scale defaults to 1/sqrt(Q); softmax runs in fp32 inside; GQA groups query
         # heads [g*H/K, (g+1)*H/K) on kv head g, as HF's repeat_kv does.
         impl = "cudnn" if self.attention == "cudnn" else None
-        o_bthq = jax.nn.dot_product_attention(
-            q_bthq, k_btkq, v_btkq, is_causal=True, implementation=impl
-        )
+        if kv is None:
+            o_bthq = jax.nn.dot_product_attention(
+                q_bthq, k_btkq, v_btkq, is_causal=True, implementation=impl
+            )
+        else:
+            k_bskq = jax.lax.dynamic_update_slice(kv[0], k_btkq.astype(kv[0].dtype),
+                                                  (0, pos, 0, 0))
+            v_bskq = jax.lax.dynamic_update_slice(kv[1], v_btkq.astype(kv[1].dtype),
+                                                  (0, pos, 0, 0))
+            t, s = x_btd.shape[1], k_bskq.shape[1]
+            # query i (position pos+i) sees cached positions j <= pos+i
+            mask_11ts = (jnp.arange(s)[None, :] <= pos + jnp.arange(t)[:, None])[None, None]
+            o_bthq = jax.nn.dot_product_attention(q_bthq, k_bskq.astype(dt),
+                                                  v_bskq.astype(dt), mask=mask_11ts)
+            kv = (k_bskq, v_bskq)
         o_bthq = constrain(o_bthq, ACT_BTHQ)
-        return dot.einsum("bthq,hqd->btd", o_bthq, self.o_hqd[...].astype(dt))
+        out_btd = dot.einsum("bthq,hqd->btd", o_bthq, self.o_hqd[...].astype(dt))
+        return out_btd if kv is None else (out_btd, kv)
 
 
 class MLP(nnx.Module):
@@ -174,10 +197,15 @@ class Block(nnx.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        h_btd = x_btd + self.attn(self.input_norm(x_btd))
-        out_btd = h_btd + self.mlp(self.post_norm(h_btd))
-        return constrain(out_btd, ACT_BTD)
+    def __call__(self, x_btd: jax.Array, kv: KVCache | None = None,
+                 pos: jax.Array | None = None) -> Any:
+        if kv is None:
+            h_btd = x_btd + self.attn(self.input_norm(x_btd))
+        else:
+            a_btd, kv = self.attn(self.input_norm(x_btd), kv, pos)
+            h_btd = x_btd + a_btd
+        out_btd = constrain(h_btd + self.mlp(self.post_norm(h_btd)), ACT_BTD)
+        return out_btd if kv is None else (out_btd, kv)
 
 
 class Llama(nnx.Module):
@@ -233,6 +261,52 @@ class Llama(nnx.Module):
             return run
         return jax.checkpoint(run, policy=REMAT_POLICIES[policy])
 
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty key/value cache for :meth:`decode`: (K, V), each
+        (L, B, max_len, kv_heads, head_dim) in the compute dtype."""
+        c = self.cfg
+        shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def decode(self, tokens_bt: jax.Array, cache: KVCache, pos: jax.Array
+               ) -> tuple[jax.Array, KVCache]:
+        """Generation with a key/value cache: logits (B, T, V) of ``tokens_bt`` placed at
+        positions pos..pos+T-1 after the ``pos`` tokens already cached (prefill: the
+        prompt at pos 0; then one token at a time), and the updated cache. The same
+        blocks as :meth:`__call__`, attending to the cached keys instead of recomputing
+        them (tests/test_jax_model.py: the same greedy tokens)."""
+        dt = self.dtype
+        table_vd = self.embed_vd[...].astype(dt)
+        x_btd = jnp.take(table_vd, tokens_bt, axis=0)
+        k_all, v_all = cache
+        if self.scan_layers:
+            graphdef, state_l = nnx.split(self.layers)
+
+            def body(x_btd: jax.Array, layer: Any) -> tuple[jax.Array, KVCache]:
+                state, k, v = layer
+                x_btd, kv = nnx.merge(graphdef, state)(x_btd, (k, v), pos)
+                return x_btd, kv
+
+            x_btd, (k_all, v_all) = jax.lax.scan(body, x_btd, (state_l, k_all, v_all))
+        else:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                x_btd, (k, v) = layer(x_btd, (k_all[i], v_all[i]), pos)
+                ks.append(k)
+                vs.append(v)
+            k_all, v_all = jnp.stack(ks), jnp.stack(vs)
+        return self._logits(x_btd), (k_all, v_all)
+
+    def _logits(self, x_btd: jax.Array) -> jax.Array:
+        dt = self.dtype
+        x_btd = self.final_norm(x_btd)
+        if self.cfg.tie_word_embeddings:
+            head_dv = self.embed_vd[...].astype(dt).T
+        else:
+            head_dv = self.lm_head_dv[...].astype(dt)
+        logits_btv = constrain(dot.einsum("btd,dv->btv", x_btd, head_dv), ACT_BTV)
+        return logits_btv.astype(jnp.float32)
+
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         dt = self.dtype
         # gather rows from a whole table: a lookup into a vocab/embed-sharded table makes
@@ -252,13 +326,7 @@ class Llama(nnx.Module):
             for layer in self.layers:
                 graphdef, state = nnx.split(layer)
                 x_btd = self._block_fn(graphdef)(state, x_btd)
-        x_btd = self.final_norm(x_btd)
-        if self.cfg.tie_word_embeddings:
-            head_dv = self.embed_vd[...].astype(dt).T
-        else:
-            head_dv = self.lm_head_dv[...].astype(dt)
-        logits_btv = constrain(dot.einsum("btd,dv->btv", x_btd, head_dv), ACT_BTV)
-        return logits_btv.astype(jnp.float32)
+        return self._logits(x_btd)
 
 
 def compute_dtype(precision: str) -> Any:
