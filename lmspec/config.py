@@ -123,7 +123,8 @@ class DataConfig:
     file, a directory or glob of text files, a ``.jsonl`` file with a ``text`` field, or
     a pre-tokenized token file (its ``manifest.json`` or the ``.bin`` beside it). A
     ``text:``, ``glob:``, ``jsonl:`` or ``tokens:`` prefix forces the kind.
-    ``tokenizer``: ``byte``, ``bpe:<vocab_size>`` or a path to a ``tokenizer.json``.
+    ``tokenizer``: ``byte``, ``bpe:<vocab_size>``, a path to a ``tokenizer.json`` or a
+    Hugging Face folder holding one.
     """
 
     source: str = "stdlib"
@@ -153,10 +154,10 @@ class DataConfig:
                 ) from None
             if size < 260:
                 raise ConfigError(f"{prefix}.tokenizer={tok!r}: BPE vocab_size must be >= 260")
-        elif tok != "byte" and not tok.endswith(".json"):
+        elif tok != "byte" and not tok.endswith(".json") and not Path(tok).is_dir():
             raise ConfigError(
-                f"{prefix}.tokenizer={tok!r}: allowed are 'byte', 'bpe:<vocab_size>' or a "
-                "path to a tokenizer.json"
+                f"{prefix}.tokenizer={tok!r}: allowed are 'byte', 'bpe:<vocab_size>', a "
+                "path to a tokenizer.json or a Hugging Face folder holding one"
             )
 
 

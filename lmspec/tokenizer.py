@@ -206,7 +206,13 @@ def load_tokenizer(spec: str, *, corpus: Iterable[str] | None = None,
         return HFTokenizer(path, spec)
     if spec.endswith(".json"):
         return HFTokenizer(spec, spec)
+    if Path(spec).is_dir():  # a Hugging Face model or tokenizer folder
+        path = Path(spec) / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"data.tokenizer={spec!r}: the folder has no tokenizer.json (a "
+                            "fast tokenizer file, as save_pretrained writes)")
+        return HFTokenizer(path, spec)
     raise UserError(
-        f"data.tokenizer={spec!r}: allowed are 'byte', 'bpe:<vocab_size>' or a path to a "
-        "tokenizer.json"
+        f"data.tokenizer={spec!r}: allowed are 'byte', 'bpe:<vocab_size>', a path to a "
+        "tokenizer.json or a Hugging Face folder holding one"
     )

@@ -226,3 +226,18 @@ def test_init_weights_folder_of_another_model_names_every_difference(tmp_path):
         (tmp_path / "empty").mkdir()
         load_init_weights(tmp_path / "empty", cfg.model)
     assert load_config(TINY, [f"model.from_hf={tmp_path / 'hf'}"]).model == other
+
+
+def test_exported_folder_is_a_tokenizer_for_training(tmp_path):
+    """data.tokenizer=<a Hugging Face folder>: its tokenizer.json, the same ids."""
+    from lmspec.tokenizer import load_tokenizer
+
+    cfg = load_config(TINY)
+    write_hf_folder(tmp_path / "hf", init_weights(cfg.model, 0), cfg.model, ByteTokenizer())
+    assert load_config(TINY, [f"data.tokenizer={tmp_path / 'hf'}"])  # accepted
+    tok = load_tokenizer(str(tmp_path / "hf"))
+    assert [tok.encode(t) for t in TEXTS] == [ByteTokenizer().encode(t) for t in TEXTS]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (256, 257, 258)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        load_tokenizer(str(tmp_path / "empty"))
