@@ -199,7 +199,7 @@ def _trainer_cases() -> dict[str, Case]:
                             ("truncated", ("truncated.safetensors", "not a readable")),
                             ("empty", ("empty.safetensors", "not a readable")),
                             ("header", ("header.safetensors", "not a readable")),
-                            ("folder", ("folder.safetensors", "is a directory"))]:
+                            ("folder", ("folder.safetensors", "a folder without config.json"))]:
             c[f"{side} --init-weights {kind}"] = (side, lambda w, s=side, k=kind: _train_argv(
                 s, w, "--init-weights", w.weights(k)), words)
         c[f"{side} --init-weights missing"] = (side, lambda w, s=side: _train_argv(
