@@ -251,7 +251,9 @@ def write_hf_folder(out: str | os.PathLike, weights: Mapping[str, np.ndarray],
         write_tokenizer(tokenizer, tmp, model.max_position_embeddings)
         for name, content in (extra or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        mode = 0o777 & ~_umask()
+        from lmspec.io import umask
+
+        mode = 0o777 & ~umask()
         tmp.chmod(mode)
         for f in tmp.iterdir():
             f.chmod(mode & 0o666)
@@ -263,11 +265,6 @@ def write_hf_folder(out: str | os.PathLike, weights: Mapping[str, np.ndarray],
         raise
     return out
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------- reading

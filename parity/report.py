@@ -136,7 +136,65 @@ def headline(result: Mapping[str, Any]) -> str | None:
     return (result.get("diagnosis") or {}).get("headline")
 
 
-def render_markdown(result: Mapping[str, Any]) -> str:
+# what to look at next, by the kind of check that failed (first match wins)
+NEXT_STEPS = (
+    ("forward:", "The forward pass differs before any training: compare the models layer by "
+     "layer (the bf16 activations probe and the diagnosis name the first layer that "
+     "differs); check weight names, transposes, RoPE and the attention mask."),
+    ("loss function", "The loss on identical logits differs: look at the loss's precision "
+     "(log-softmax, token mean) in the JAX trainer's loss function."),
+    ("accumulation", "Gradient accumulation differs: check the accumulator's dtype (fp32 like "
+     "DeepSpeed's grad_accum_dtype) and how micro-batch gradients are summed."),
+    ("grad vs float64", "The step-0 gradient is off: the per-parameter margin plot names the "
+     "tensors; a few tensors point at their layer, all of them at the loss or the batch."),
+    ("first update", "The first AdamW update differs while gradients agree: check epsilon, "
+     "bias correction, weight-decay mask, clipping and the learning-rate schedule."),
+    ("loss at step 0", "The step-0 loss differs: check the batch (fingerprints), the loss's "
+     "token mean and the forward precision."),
+    ("loss curve", "Step 0 agrees but the curves drift apart: compare lr per step (reported "
+     "figures), the optimizer state, data order after step 0 and precision policy."),
+    ("really bf16", "The JAX bf16 run is not as far from float64 as bf16 is: it probably "
+     "computes in fp32; check the compute dtype of the JAX bf16 run."),
+    ("fingerprint", "The two sides trained on different batches: run `parity data CONFIG "
+     "--steps N` and compare each trainer's batch order (data.seed, sharding of rows)."),
+)
+
+
+def next_steps(result: Mapping[str, Any]) -> list[str]:
+    """What to look at next when the report fails: the diagnosis, each failing check's
+    kind (:data:`NEXT_STEPS`), and the logs of failed runs."""
+    out = []
+    if headline(result):
+        out.append(f"Start with the diagnosis: {headline(result)}.")
+    seen = set()
+    for c in failing_checks(result):
+        for key, text in NEXT_STEPS:
+            if key in c["name"] and key not in seen:
+                seen.add(key)
+                out.append(f"{c['name']}: {text}")
+                break
+    for label, r in (result.get("runs") or {}).items():
+        if r.get("error"):
+            out.append(f"{label} did not finish: read its train.log ({r.get('out_dir')}).")
+    if result.get("errors") and not out:
+        out.append("A phase failed: the errors above say which; rerun after fixing it.")
+    return out
+
+
+def run_links(result: Mapping[str, Any], base: Path | None) -> list[tuple[str, str, str]]:
+    """(run, relative link to train.log, relative link to metrics.jsonl) per run, from
+    the report's folder ``base``."""
+    out = []
+    for label, r in (result.get("runs") or {}).items():
+        d = r.get("out_dir")
+        if not d:
+            continue
+        rel = os.path.relpath(d, base) if base is not None else d
+        out.append((label, f"{rel}/train.log", f"{rel}/metrics.jsonl"))
+    return out
+
+
+def render_markdown(result: Mapping[str, Any], base: Path | None = None) -> str:
     """The summary a reader pastes into an issue."""
     checks = result.get("checks") or []
     ok = all_passed(result)
@@ -153,6 +211,14 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     ]
     if result.get("errors"):
         out += ["", "### Errors", ""] + [f"- {e}" for e in result["errors"]]
+    steps = [] if ok else next_steps(result)
+    if steps:
+        out += ["", "### What to look at next", ""] + [f"- {t}" for t in steps]
+    links = run_links(result, base)
+    if links:
+        out += ["", "### Runs", "", "| run | log | metrics |", "|---|---|---|"]
+        out += [f"| {label} | [train.log]({log}) | [metrics.jsonl]({met}) |"
+                for label, log, met in links]
     info = result.get("info") or []
     if info:
         out += ["", "### Reported figures (no limit)", "", "| figure | value | note |",
@@ -198,7 +264,7 @@ def _throughput_md(tp: Mapping[str, Mapping[str, Any]]) -> str:
 
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=PLOT_DPI, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -210,13 +276,42 @@ def _positive(xs: list[float]) -> list[float]:
     return [max(float(x), 1e-12) if math.isfinite(float(x)) else float("nan") for x in xs]
 
 
+# figures: at PLOT_DPI a font of PLOT_MIN_PT points is >= 10 px, and no figure is wider
+# than the page (PLOT_MAX_WIDTH_IN * PLOT_DPI = 1150 px < the report's 1200 px body)
+PLOT_DPI = 100
+PLOT_MIN_PT = 8
+PLOT_MAX_WIDTH_IN = 11.5
+_PLOT_RC = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
+            "legend.fontsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9}
+
+
+def _curve_limit(result: Mapping[str, Any], pair_name: str) -> float | None:
+    """The limit of the loss-curve check of a pair (judged on the RMS over steps)."""
+    tag = pair_name.split(":")[0]
+    for c in result.get("checks") or []:
+        if c["name"].startswith(f"{tag}: loss curve"):
+            try:
+                v = float(c["limit"])
+            except (TypeError, ValueError):
+                return None
+            return v if math.isfinite(v) and v > 0 else None
+    return None
+
+
 def make_plots(result: Mapping[str, Any]) -> dict[str, str]:
-    """Base64 PNGs: loss curves, |loss diff| vs floor, per-parameter gradient error,
-    throughput and memory. Uses matplotlib's Agg backend (no display needed)."""
+    """Base64 PNGs: loss curves, |loss diff| vs floor and limit, per-parameter gradient
+    margin, throughput and memory. Uses matplotlib's Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+
+    with plt.rc_context(_PLOT_RC):
+        return _make_plots(result, plt)
+
+
+def _make_plots(result: Mapping[str, Any], plt: Any) -> dict[str, str]:
+    from matplotlib.patches import Patch
 
     plots: dict[str, str] = {}
     series = result.get("series") or {}
@@ -224,43 +319,52 @@ def make_plots(result: Mapping[str, Any]) -> dict[str, str]:
 
     if series:
         precisions = sorted({s.get("precision", "?") for s in series.values()})
-        fig, axes = plt.subplots(1, len(precisions), figsize=(6 * len(precisions), 4),
-                                 squeeze=False)
+        width = min(PLOT_MAX_WIDTH_IN, 5.5 * len(precisions))
+        fig, axes = plt.subplots(1, len(precisions), figsize=(width, 4), squeeze=False)
         for ax, prec in zip(axes[0], precisions, strict=True):
-            for label, s in series.items():
-                if s.get("precision") != prec:
-                    continue
-                style = "-" if s.get("side") == "jax" else "--"
-                ax.plot(s["step"], s["loss"], style, label=label, linewidth=1.2)
-            ax.set_title(f"training loss ({prec})")
+            # DeepSpeed thin and dashed underneath, JAX thick on top: when they agree
+            # (the usual case) both stay visible
+            runs = [(k, v) for k, v in series.items() if v.get("precision") == prec]
+            runs.sort(key=lambda kv: kv[1].get("side") == "jax")
+            for label, s in runs:
+                jax_side = s.get("side") == "jax"
+                ax.plot(s["step"], s["loss"], "-" if jax_side else "--", label=label,
+                        linewidth=2.4 if jax_side else 1.0, alpha=0.75 if jax_side else 1.0,
+                        zorder=3 if jax_side else 2)
+            ax.set_title(f"training loss ({prec}): JAX solid, DeepSpeed dashed")
             ax.set_xlabel("step")
             ax.set_ylabel("loss")
-            ax.legend(fontsize=7)
+            ax.legend()
+        fig.tight_layout()
         plots["loss_curves"] = _png(fig)
 
     if pairs:
-        ncols = min(3, len(pairs))
+        ncols = min(2, len(pairs))
         nrows = -(-len(pairs) // ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.8 * nrows),
-                                 squeeze=False)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(PLOT_MAX_WIDTH_IN if ncols > 1
+                                                        else 6.5, 3.9 * nrows), squeeze=False)
         for ax in axes.ravel()[len(pairs):]:
             ax.set_visible(False)
         for ax, p in zip(axes.ravel(), pairs, strict=False):
             d = p.get("loss_abs_diff") or []
-            ax.semilogy(range(len(d)), _positive(d), "o-", ms=3, label="|jax - deepspeed|")
+            ax.semilogy(range(len(d)), _positive(d), "o-", ms=3, color="tab:blue",
+                        label="|jax - deepspeed|")
             f = p.get("floor_abs_diff") or []
             if f:
                 ax.semilogy(range(len(f)), _positive(f), "s--", ms=3, alpha=0.7,
-                            label=f"noise floor: {p.get('floor_name', '')}")
-            if p.get("precision") == "bf16" and d and f:
-                # the judged statistic: RMS over the steps of each series
-                for vals, color in ((d, "tab:blue"), (f, "tab:orange")):
-                    rms = math.sqrt(sum(x * x for x in vals) / len(vals))
-                    ax.axhline(rms, color=color, linestyle=":", linewidth=1)
-            ax.set_title(p["name"], fontsize=9)
+                            color="tab:orange", label=f"noise floor: {p.get('floor_name', '')}")
+            if d:  # the judged statistic: the RMS over the steps, against the limit
+                rms = math.sqrt(sum(x * x for x in d if math.isfinite(x)) / len(d))
+                ax.axhline(max(rms, 1e-12), color="tab:blue", linestyle=":", linewidth=1.2,
+                           label="RMS |jax - deepspeed|")
+            lim = _curve_limit(result, p["name"])
+            if lim is not None:
+                ax.axhline(lim, color="tab:red", linestyle="-.", linewidth=1.4,
+                           label="limit (on the RMS)")
+            ax.set_title(p["name"])
             ax.set_xlabel("step")
-            ax.set_ylabel("|loss difference| (exact 0 drawn at 1e-12)", fontsize=8)
-            ax.legend(fontsize=7)
+            ax.set_ylabel("|loss difference| (0 at 1e-12)")
+            ax.legend(loc="best")
         fig.tight_layout()
         plots["loss_diff"] = _png(fig)
 
@@ -268,36 +372,48 @@ def make_plots(result: Mapping[str, Any]) -> dict[str, str]:
     if grad_pairs:
         # one panel per precision, one marker series per pair (ZeRO stage)
         precs = sorted({p.get("precision", "fp32") for p in grad_pairs})
-        fig, axes = plt.subplots(len(precs), 1, figsize=(11, 4.2 * len(precs)),
+        fig, axes = plt.subplots(len(precs), 1, figsize=(PLOT_MAX_WIDTH_IN, 5.0 * len(precs)),
                                  squeeze=False)
         for ax, prec in zip(axes[:, 0], precs, strict=True):
             names: list[str] = []
             for k, p in enumerate(pp for pp in grad_pairs if pp.get("precision") == prec):
                 names = list(p["grad"])
                 vals = [p["grad"][n].get("margin", math.nan) for n in names]
-                ax.semilogy(range(len(names)), _positive(vals), "osd^v"[k % 5], ms=3.5,
+                ax.semilogy(range(len(names)), _positive(vals), "osd^v"[k % 5], ms=4,
                             alpha=0.8, label=p["name"])
-            ax.axhline(1.0, color="r", linestyle=":", label="limit (margin 1)")
-            ax.legend(fontsize=7)
-            ax.set_xticks(range(len(names)))
-            ax.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=6)
-            ax.set_ylabel("margin: distance from float64 / allowed")
-            ax.set_title(f"step-0 gradient per parameter, {prec}: jax's distance from the "
-                         "float64 truth over its limit", fontsize=9)
+            ax.axhline(1.0, color="tab:red", linestyle="-.", label="limit (margin 1)")
+            ax.legend(loc="best")
+            # at most ~60 labels fit at a readable size: label every k-th tensor
+            every = max(1, -(-len(names) // 60))
+            ticks = list(range(0, len(names), every))
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([_short(names[i]) for i in ticks], rotation=90,
+                               fontsize=PLOT_MIN_PT)
+            ax.set_ylabel("margin (distance from float64 / allowed)")
+            ax.set_title(f"step-0 gradient per parameter, {prec}: margin <= 1 passes"
+                         + (f" (every {every}th tensor labelled)" if every > 1 else ""))
         fig.tight_layout()
         plots["grad_error"] = _png(fig)
 
     tp = result.get("throughput") or {}
     if tp:
         labels = list(tp)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(labels) + 2.5))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(PLOT_MAX_WIDTH_IN,
+                                                    0.45 * len(labels) + 2.6))
         colors = ["tab:blue" if tp[k].get("side") == "jax" else "tab:orange" for k in labels]
         a1.barh(labels, [float(tp[k].get("tokens_per_s") or 0) for k in labels], color=colors)
         a1.set_xlabel("tokens/s per device")
+        a1.set_title("throughput (warm-up excluded)")
         a2.barh(labels, [float(tp[k].get("peak_memory_bytes") or 0) / 2**20 for k in labels],
                 color=colors)
         a2.set_xlabel("peak memory per process (MiB)")
+        a2.set_title("peak memory")
         a2.set_yticklabels([])
+        handles = [Patch(color="tab:blue", label="JAX"),
+                   Patch(color="tab:orange", label="DeepSpeed")]
+        for ax in (a1, a2):
+            ax.legend(handles=handles, loc="lower right")
+        fig.tight_layout()
         plots["throughput"] = _png(fig)
     return plots
 
@@ -319,7 +435,8 @@ def _table_html(header: list[str], rows: list[list[str]], classes: list[str] | N
     return f"<table><thead><tr>{h}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
+def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = None,
+                base: Path | None = None) -> str:
     """A single HTML file: summary, checks, figures without limits, throughput, plots
     (inline base64 PNG), set-up, versions, hardware."""
     if plots is None:
@@ -347,6 +464,10 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
     if result.get("errors"):
         parts.append("<h2>Errors</h2><ul>" + "".join(
             f"<li><pre>{html.escape(str(e))}</pre></li>" for e in result["errors"]) + "</ul>")
+    steps = [] if ok else next_steps(result)
+    if steps:
+        parts.append("<h2 id='next'>What to look at next</h2><ul>" + "".join(
+            f"<li>{html.escape(t)}</li>" for t in steps) + "</ul>")
     parts.append("<h2>Checks</h2>")
     parts.append(_table_html(
         ["check", "value", "limit", "noise", "margin", "result", "detail"],
@@ -394,11 +515,21 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
         parts.append(_table_html(["pair", "max abs diff", "max rel diff", "mean KL"],
                                  [[k, fmt(v.get("max_abs")), fmt(v.get("max_rel")),
                                    fmt(v.get("mean_kl"))] for k, v in fwd.items()]))
-    for title, key in (("Set-up", "setup"), ("Versions", "versions"), ("Hardware", "hardware")):
+    links = run_links(result, base)
+    if links:
+        parts.append("<h2 id='runs'>Runs</h2><table><thead><tr><th>run</th><th>log</th>"
+                     "<th>metrics</th></tr></thead><tbody>" + "".join(
+                         f"<tr><td>{html.escape(label)}</td>"
+                         f"<td><a href='{html.escape(log)}'>train.log</a></td>"
+                         f"<td><a href='{html.escape(met)}'>metrics.jsonl</a></td></tr>"
+                         for label, log, met in links) + "</tbody></table>")
+    for title, key, head in (("Set-up", "setup", ["setting", "value"]),
+                             ("Versions", "versions", ["package", "version"]),
+                             ("Hardware", "hardware", ["property", "value"])):
         d = result.get(key) or {}
         if d:
             parts.append(f"<h2>{title}</h2>")
-            parts.append(_table_html(["", ""], [[str(k), str(v)] for k, v in d.items()]))
+            parts.append(_table_html(head, [[str(k), str(v)] for k, v in d.items()]))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -411,8 +542,8 @@ def write_reports(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
     safe["passed"] = all_passed(result)
     paths = {
         "json": atomic_write_json(out / "report.json", safe),
-        "md": atomic_write_text(out / "report.md", render_markdown(result)),
-        "html": atomic_write_text(out / "report.html", render_html(result)),
+        "md": atomic_write_text(out / "report.md", render_markdown(result, out)),
+        "html": atomic_write_text(out / "report.html", render_html(result, base=out)),
     }
     return paths
 

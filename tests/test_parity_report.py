@@ -128,3 +128,78 @@ def test_html_is_self_contained_with_four_plots(tmp_path):
                                     (0.1234567, "0.123457"), (math.inf, "inf")])
 def test_fmt(v, text):
     assert R.fmt(v) == text
+
+
+def test_plots_are_readable(monkeypatch):
+    """Every figure: no wider than the page, every text >= 10 px, every visible axes has
+    a title and a legend; the |loss diff| panel draws its check's limit; the JAX loss
+    line is drawn above the DeepSpeed ones."""
+    import matplotlib.text
+
+    figs = {}
+    real_png = R._png
+
+    def keep(fig):
+        figs[len(figs)] = fig
+        w_px = fig.get_size_inches()[0] * R.PLOT_DPI
+        assert w_px <= 1200, w_px
+        for t in fig.findobj(matplotlib.text.Text):
+            if t.get_visible() and t.get_text().strip():
+                assert t.get_fontsize() * R.PLOT_DPI / 72 >= 10, (t.get_text(), t.get_fontsize())
+        for ax in fig.axes:
+            if ax.get_visible():
+                assert ax.get_title(), "an untitled panel"
+                assert ax.get_legend() is not None, ax.get_title()
+        return real_png(fig)
+
+    monkeypatch.setattr(R, "_png", keep)
+    result = synthetic_result()
+    result["checks"][0]["name"] = "fp32 zero1: loss curve vs noise (6 steps)"
+    plots = R.make_plots(result)
+    assert set(plots) == {"loss_curves", "loss_diff", "grad_error", "throughput"}
+    assert len(figs) == 4
+    loss_ax = figs[0].axes[0]
+    jax_line = [ln for ln in loss_ax.get_lines() if ln.get_label() == "jax fp32"][0]
+    assert all(jax_line.get_zorder() > ln.get_zorder() for ln in loss_ax.get_lines()
+               if ln is not jax_line)
+    diff_ax = figs[1].axes[0]
+    limit = result["checks"][0]["limit"]
+    assert any(ln.get_label() == "limit (on the RMS)" and ln.get_ydata()[0] == limit
+               for ln in diff_ax.get_lines())
+
+
+def test_report_links_next_steps_headers_and_modes(tmp_path):
+    """Links to every run's train.log and metrics.jsonl (relative to the report), a
+    'what to look at next' section only when it fails, no empty table header, and files
+    written with the umask's mode (0644 here), not the temporary file's 0600."""
+    import os
+    import re
+
+    result = synthetic_result(fail=True)
+    runs = {}
+    for label in ("jax fp32", "ds zero1 fp32"):
+        d = tmp_path / "out" / "runs" / label.replace(" ", "_")
+        d.mkdir(parents=True)
+        (d / "train.log").write_text("log")
+        (d / "metrics.jsonl").write_text("")
+        runs[label] = {"out_dir": str(d), "seconds": 1.0, "error": None}
+    result["runs"] = runs
+    old = os.umask(0o022)
+    try:
+        paths = R.write_reports(result, tmp_path / "out")
+    finally:
+        os.umask(old)
+    page = paths["html"].read_text()
+    for label in runs:
+        rel = f"runs/{label.replace(' ', '_')}"
+        for f in ("train.log", "metrics.jsonl"):
+            assert f"href='{rel}/{f}'" in page
+            assert (tmp_path / "out" / rel / f).is_file()
+        assert f"({rel}/train.log)" in paths["md"].read_text()
+    assert "What to look at next" in page and "What to look at next" in paths["md"].read_text()
+    assert "bf16 zero1: grad vs float64: The step-0 gradient is off" in page
+    assert not re.search(r"<th>\s*</th>", page)
+    for p in paths.values():
+        assert (p.stat().st_mode & 0o777) == 0o644, (p, oct(p.stat().st_mode))
+    good = R.write_reports(synthetic_result(), tmp_path / "ok")
+    assert "What to look at next" not in good["html"].read_text()
