@@ -212,7 +212,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "plain-text and a jsonl corpus and an odd-shape config (fp32 and bf16, ZeRO 1-3). "
         "A faithful port must pass every case; prints each check's worst margin "
         "(value / limit, <= 1 passes) and writes DIR/sweep.json.")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output folder: one parity run per case under DIR/<case>, the "
+                   "summary in DIR/sweep.json")
     p.add_argument("--quick", action="store_true",
                    help="3 cases, ZeRO-1, 5 fp32 / 10 bf16 steps (for CI)")
     p.add_argument("--cases", default=None, metavar="LIST",
