@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from lmspec.cli import run
 
-SUBCOMMANDS = ("parity.data_cmd", "parity.run_cmd", "parity.bench_cmd", "parity.sweep_cmd")
+SUBCOMMANDS = ("parity.data_cmd", "parity.run_cmd", "parity.bench_cmd", "parity.sweep_cmd",
+               "parity.translate_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:
