@@ -284,13 +284,12 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a Llama folder; a UserError when it is missing, not JSON, not a
     Llama or uses a feature our model does not have (named)."""
+    from lmspec.io import read_json
+
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise UserError(f"{folder}: no config.json (a Hugging Face model folder has one)")
-    try:
-        conf = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable JSON file ({e})") from None
+    conf = read_json(path, "JSON file")
     if not isinstance(conf, dict):
         raise UserError(f"{path}: not a JSON object")
     kind = conf.get("model_type")

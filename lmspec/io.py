@@ -40,6 +40,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The parsed JSON of ``path``; a UserError naming it when it is missing, unreadable
+    or not JSON."""
+    from lmspec.errors import UserError, UserFileNotFoundError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserFileNotFoundError(f"{path}: no such {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{path}: not a readable {what} ({e})") from None
+
+
 def umask() -> int:
     """The process's umask, read without changing it where Linux shows it (os.umask
     sets it while reading, which another thread could see)."""

@@ -14,7 +14,6 @@ tuning) separately from keys it does not know at all.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,13 +353,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _run(args: argparse.Namespace) -> int:
+    from lmspec.io import read_json
+
     path = args.ds_config
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        ds = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not JSON ({e})") from None
+    ds = read_json(path, "DeepSpeed config JSON")
     if args.world_size is not None and args.world_size < 1:
         raise UserError(f"--world-size={args.world_size} must be >= 1")
     print(render(translate(ds, args.world_size), str(path), args.base), end="")
