@@ -420,6 +420,7 @@ def load_init_weights(path: str | os.PathLike, model: ModelConfig) -> dict[str, 
     else:
         from lmspec.errors import UserFileNotFoundError
 
-        raise UserFileNotFoundError(f"--init-weights {p}: no such file or folder")
+        raise UserFileNotFoundError(f"weights file not found: {p} (--init-weights takes a "
+                                    ".safetensors file or a Hugging Face model folder)")
     check_names(model, weights, f"--init-weights {p}")
     return weights

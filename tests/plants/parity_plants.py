@@ -37,10 +37,11 @@ class Plant:
 def _rope_interleaved(m: Any) -> dict[str, Any]:
     import jax.numpy as jnp
 
-    def rope_cos_sin(seq_len, head_dim, theta, dtype):
+    def rope_cos_sin(seq_len, head_dim, theta, dtype, start=0):
         # GPT-J / Meta-checkpoint layout: frequencies repeated per (even, odd) pair
         inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-        freqs = jnp.outer(jnp.arange(seq_len, dtype=jnp.float32), inv_freq)
+        pos = jnp.arange(seq_len, dtype=jnp.float32) + jnp.asarray(start, jnp.float32)
+        freqs = jnp.outer(pos, inv_freq)
         emb = jnp.repeat(freqs, 2, axis=-1)
         return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
