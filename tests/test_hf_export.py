@@ -172,6 +172,7 @@ def test_torchlm_train_export_folder_loads_with_its_logits(tmp_path):
     assert meta["framework"] == "torchlm" and meta["tag"].startswith("step")
 
 
+@pytest.mark.slow
 def test_hf_folder_in_jaxlm_train_and_out_again(tmp_path):
     """A folder transformers wrote (bf16, sharded) -> `jaxlm train model.from_hf=DIR
     --init-weights DIR` (lr 0: the weights stay) -> `jaxlm export` -> the same weights
