@@ -121,6 +121,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow  # trains and exports in subprocesses (~45 s); CI runs it
 def test_jaxlm_train_export_then_transformers_generates_the_same(tmp_path):
     from jaxlm.api import logits as jax_logits
     from jaxlm.generate import generate_from_checkpoint, load_params

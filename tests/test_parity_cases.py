@@ -19,6 +19,7 @@ def test_tiny_fp32_zero1_zero3(run_parity):
     run_parity(CONFIG, zero_stages=(1, 3), precisions=("fp32",))
 
 
+@pytest.mark.slow  # ~2 min: 3 bf16 runs of 50 steps and the bf16 probes (CI runs it)
 @pytest.mark.parity
 def test_tiny_bf16_zero2(run_parity):
     """bf16 step-0 logits, loss and gradients against float64 (DeepSpeed bf16's distance as
