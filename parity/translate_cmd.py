@@ -247,6 +247,13 @@ def _optimizer(opt: Any, optim: dict, t: Translation) -> None:
                "set optim.wd_mask to all, matrices or none to match your param groups")
 
 
+# the schedulers mirrored: (key of the peak lr, key of the last decay step, key of a
+# warm-up start above 0), None where the scheduler has no such key
+_SCHEDULES = {"WarmupLR": ("warmup_max_lr", None, "warmup_min_lr"),
+              "WarmupCosineLR": (None, "total_num_steps", "warmup_min_ratio"),
+              "WarmupDecayLR": ("warmup_max_lr", "total_num_steps", None)}
+
+
 def _scheduler(sch: Any, optim: dict, t: Translation) -> None:
     if sch is None:
         t.trap("no scheduler section", "the learning-rate schedule is built in your training "
@@ -270,30 +277,23 @@ def _scheduler(sch: Any, optim: dict, t: Translation) -> None:
                "ours gives lr * (step + 1) / warmup_steps from step 0: the warm-up steps "
                "differ by one step's share of the rate (the loss-curve check sees it)",
                "expect it in the first warmup_num_steps steps, or compare after warm-up")
-    if kind == "WarmupLR":
-        mx = _num(p, "warmup_max_lr", "scheduler.params.")
-        if mx is not None:
-            optim["lr"] = float(mx)
+    if kind in _SCHEDULES:
+        peak_key, total_key, start_key = _SCHEDULES[kind]
+        peak = _num(p, peak_key, "scheduler.params.") if peak_key else None
+        if peak is not None:
+            optim["lr"] = float(peak)
+        total = _num(p, total_key, "scheduler.params.") if total_key else None
+        if total is not None:
+            optim["decay_steps"] = int(total)
+        if start_key and _num(p, start_key, "scheduler.params.") not in (None, 0, 0.0):
+            t.trap(f"{start_key} > 0", "the warm-up starts above 0; ours starts at 0",
+                   f"set {start_key}: 0")
+    if kind == "WarmupLR":  # constant after the warm-up
         optim["min_lr_ratio"] = 1.0
         optim["decay_steps"] = int(optim.get("warmup_steps", 0)) + 1
-        if _num(p, "warmup_min_lr", "scheduler.params.") not in (None, 0, 0.0):
-            t.trap("warmup_min_lr > 0", "the warm-up starts above 0; ours starts at 0",
-                   "set warmup_min_lr: 0")
     elif kind == "WarmupCosineLR":
-        total = _num(p, "total_num_steps", "scheduler.params.")
-        if total is not None:
-            optim["decay_steps"] = int(total)
         optim["min_lr_ratio"] = float(p.get("cos_min_ratio", 0.0001))
-        if _num(p, "warmup_min_ratio", "scheduler.params.") not in (None, 0, 0.0):
-            t.trap("warmup_min_ratio > 0", "the warm-up starts above 0; ours starts at 0",
-                   "set warmup_min_ratio: 0")
     elif kind == "WarmupDecayLR":
-        mx = _num(p, "warmup_max_lr", "scheduler.params.")
-        if mx is not None:
-            optim["lr"] = float(mx)
-        total = _num(p, "total_num_steps", "scheduler.params.")
-        if total is not None:
-            optim["decay_steps"] = int(total)
         optim["min_lr_ratio"] = 0.0
         t.trap("scheduler WarmupDecayLR", "a linear decay to 0; ours decays along a cosine",
                "use WarmupCosineLR (cos_min_ratio) to compare, or accept curve differences")
