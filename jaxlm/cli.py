@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lmspec.cli import config_from_args, run
+from lmspec.cli import call_subcommand, config_from_args, run
 from lmspec.runs import add_train_args, train_args
 
 
@@ -127,8 +127,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    return call_subcommand(build_parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,7 +42,8 @@ class _Pending:
 
 
 class Recorder:
-    """Writes ``metrics.jsonl``, TensorBoard and the progress bar, one step late."""
+    """Writes ``metrics.jsonl``, TensorBoard (W&B with ``log.wandb``) and the progress
+    bar, one step late."""
 
     def __init__(self, cfg: ExperimentConfig, out: Path, *, start: int, main: bool,
                  progress: bool, num_devices: int, device_kind: str,
@@ -53,7 +54,8 @@ class Recorder:
         self.num_devices = num_devices
         self.device_kind = device_kind
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-        self.writer = MetricsWriter(out / "metrics.jsonl", start_step=start) if main else None
+        self.writer = (MetricsWriter(out / "metrics.jsonl", start_step=start, config=cfg)
+                       if main else None)
         self.bar = None
         if main and progress:
             from tqdm import tqdm
@@ -132,7 +134,9 @@ class Recorder:
         elif (p.step + 1) % self.cfg.train.log_every == 0:
             self.say(f"step {p.step} loss {loss:.4f} tokens/s/device {tps:.0f}")
 
-    def close(self) -> None:
-        for closer in (self.bar, self.writer):
-            if closer is not None:
-                closer.close()
+    def close(self, failed: bool = False) -> None:
+        """Close the progress bar and the metrics writer (``failed``: the loop raised)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close(failed=failed)

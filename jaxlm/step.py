@@ -104,13 +104,27 @@ def make_optimizer(cfg: ExperimentConfig, scan_layers: bool
     return optax.chain(*parts), table
 
 
+def schedule_count(opt_state: Any) -> jax.Array:
+    """The count optax's learning-rate schedule reads at the next update (the
+    ``ScaleByScheduleState`` of :func:`make_optimizer`'s chain). It equals the run's data
+    step except where the two part: a skipped non-finite step (the optimizer state is
+    kept), or a state converted from another trainer (``parity convert``)."""
+    found = [v for path, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+             if any(getattr(k, "tuple_name", "") == "ScaleByScheduleState" for k in path)]
+    if len(found) != 1:
+        raise ValueError(f"expected one learning-rate schedule count in the optimizer "
+                         f"state, found {len(found)}")
+    return found[0]
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_table: np.ndarray, precision: str, *, return_grads: bool = False
                     ) -> Callable[..., Any]:
     """``step(state, windows_mbt1) -> (state, metrics[, grads])`` for ``jax.jit``.
 
     ``state`` is ``{"params", "opt", "step"}``; metrics hold the global-batch loss
-    before the update, the pre-clip global grad norm and the LR used. When the loss or
+    before the update, the pre-clip global grad norm and the LR the update used (at
+    the schedule's own count, :func:`schedule_count`). When the loss or
     the norm is not finite the update is not applied (``step`` still counts it).
     """
     loss_fn = make_loss_fn(graphdef, precision)
@@ -128,13 +142,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_params, opt = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                        (new_params, opt), (params, state["opt"]))
-        s = state["step"]
+        count = schedule_count(state["opt"])
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": table_j[jnp.minimum(s, table_j.shape[0] - 1)],
+            "lr": table_j[jnp.minimum(count, table_j.shape[0] - 1)],
         }
-        new_state = {"params": new_params, "opt": opt, "step": s + 1}
+        new_state = {"params": new_params, "opt": opt, "step": state["step"] + 1}
         if return_grads:
             return new_state, metrics, grads
         return new_state, metrics

@@ -50,6 +50,7 @@ from lmspec.config import ConfigError, ExperimentConfig, check_resumable, save_c
 from lmspec.data import Dataset
 from lmspec.errors import UserError
 from lmspec.io import ensure_writable_dir
+from lmspec.wandb_log import require_wandb
 
 JAX_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -227,8 +228,13 @@ class Run:
     say: Callable[[str], None]
 
     def checkpoint_meta(self, done: int) -> dict[str, Any]:
-        return {"step": done, "rng": rng_key_data(self.cfg.train.seed).tolist(),
-                "config": self.cfg.to_dict()}
+        return checkpoint_meta(self.cfg, done)
+
+
+def checkpoint_meta(cfg: ExperimentConfig, done: int) -> dict[str, Any]:
+    """The record saved with checkpoint ``done`` (steps done): step, base RNG key, config."""
+    return {"step": done, "rng": rng_key_data(cfg.train.seed).tolist(),
+            "config": cfg.to_dict()}
 
 
 def open_run(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None,
@@ -368,6 +374,8 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
     say = log or (lambda s: print(s, file=sys.stderr) if main else None)
     dumps = Dumps(set(dump_grads), set(dump_params))
     runs.check_dump_steps(cfg.train.steps, dumps.grads, dumps.params)
+    if main:  # process 0 logs to W&B: a missing package stops the run before any work
+        require_wandb(cfg)
     on_cpu = jax.devices()[0].platform == "cpu"
     if on_cpu:  # device buffers are host heap memory: give freed blocks back
         hostmem.configure_host_allocator()
@@ -380,10 +388,12 @@ def train(cfg: ExperimentConfig, *, init_weights: str | os.PathLike | None = Non
     rec = Recorder(cfg, run.out, start=run.start, main=main, progress=progress,
                    num_devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
                    say=say)
+    failed = True
     try:
         _loop(run, program, rec, dumps)
+        failed = False
     finally:
-        rec.close()
+        rec.close(failed=failed)
         run.ckpts.close()  # waits for the save in flight
     summary = _summary(run, program, rec, t_launch)
     if main:

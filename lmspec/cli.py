@@ -46,10 +46,15 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     order, when they look like ``dotted.key=value``. Anything else stays unrecognised
     (argparse's usual error). Works for a parser used directly or as a subcommand."""
     parser.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value",
-        help="dotted overrides, e.g. train.steps=20 mesh.fsdp=2 (anywhere on the line)",
-    )
+    add_overrides_arg(parser)
+
+
+def add_overrides_arg(parser: argparse.ArgumentParser,
+                      help: str = "dotted overrides, e.g. train.steps=20 mesh.fsdp=2 "
+                      "(anywhere on the line)") -> None:
+    """The ``[key=value ...]`` positional of :func:`add_config_args`, accepted anywhere on
+    the command line, for a parser whose other positionals come first."""
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=help)
     parse_known = parser.parse_known_args
 
     def parse_known_args(args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's
@@ -68,6 +73,29 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, args.overrides)
+
+
+def zero_stages_arg(text: str) -> tuple[int, ...]:
+    """argparse type of ``--zero-stages``: comma-separated ZeRO stages, e.g. ``1,2,3``
+    (the caller checks their range, naming the option)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated ZeRO stages, e.g. 1,2,3") from None
+
+
+def names_arg(text: str) -> tuple[str, ...]:
+    """argparse type of a comma-separated list of names (``--precisions fp32,bf16``)."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def call_subcommand(build_parser: Callable[[], argparse.ArgumentParser],
+                    argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` with ``build_parser()`` and call the chosen subcommand's ``func``
+    (each subcommand's parser sets it with ``set_defaults(func=...)``)."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
 
 
 def run(main: Callable[[Sequence[str] | None], int | None],

@@ -61,6 +61,9 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # DeepSpeed settings: "parity" is bitwise-strict (no comm/compute overlap, unfused AdamW,
 # the parity runs' attention); "bench" is what users run for speed (see torchlm.ds_config)
 ZERO_PROFILES = ("parity", "bench")
+# Weights & Biases logging of the metrics records (lmspec.wandb_log): off, offline (files
+# under train.out_dir/wandb, `wandb sync` later) or online
+WANDB_MODES = ("off", "offline", "online")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +125,13 @@ class DataConfig:
     ``source``: ``stdlib`` (the running interpreter's standard library sources), a text
     file, a directory or glob of text files, a ``.jsonl`` file with a ``text`` field, or
     a pre-tokenized token file (its ``manifest.json`` or the ``.bin`` beside it). A
-    ``text:``, ``glob:``, ``jsonl:`` or ``tokens:`` prefix forces the kind.
+    ``text:``, ``glob:``, ``jsonl:`` or ``tokens:`` prefix forces the kind. Through the
+    optional ``datasets`` package (extra ``hf``), never the hub: ``hf-disk:DIR`` (a
+    folder written by ``save_to_disk``), ``hf-parquet:``, ``hf-json:`` or ``hf-text:``
+    followed by a file or glob.
+    ``text_field``: the field (``.jsonl``) or column (``hf-*``) holding the text.
+    ``split``: the split of an ``hf-*`` source (``hf-disk:`` of a saved ``DatasetDict``;
+    the file builders have only ``train``).
     ``tokenizer``: ``byte``, ``bpe:<vocab_size>``, a path to a ``tokenizer.json`` or a
     Hugging Face folder holding one.
     """
@@ -134,6 +143,8 @@ class DataConfig:
     cache_dir: str = ".cache/lmspec"
     val_fraction: float = 0.01
     max_bytes: int = 0  # 0 = the whole corpus; otherwise the first max_bytes of it
+    text_field: str = "text"
+    split: str = "train"
 
     def validate(self, prefix: str = "data") -> None:
         _finite_floats(self, prefix)
@@ -144,6 +155,10 @@ class DataConfig:
             raise ConfigError(f"{prefix}.max_bytes={self.max_bytes} must be >= 0 (0 = all)")
         if not self.source:
             raise ConfigError(f"{prefix}.source must not be empty")
+        for key in ("text_field", "split"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"{prefix}.{key} must not be empty (default "
+                                  f"{getattr(DataConfig, key)!r})")
         tok = self.tokenizer
         if tok.startswith("bpe:"):
             try:
@@ -342,6 +357,34 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    """Optional loggers of the metrics records, besides ``metrics.jsonl`` and TensorBoard.
+
+    ``wandb``: ``off`` (default), ``offline`` (a W&B run under ``train.out_dir/wandb``,
+    uploaded later by ``wandb sync``) or ``online`` (needs ``wandb login`` or
+    ``WANDB_API_KEY``); the ``wandb`` package comes with the ``wandb`` extra. Empty
+    ``wandb_entity`` / ``wandb_group`` leave W&B's defaults; an empty ``wandb_name`` is the
+    run folder's name (the last part of ``train.out_dir``).
+    """
+
+    wandb: str = "off"
+    wandb_project: str = "jaxlm-parity"
+    wandb_entity: str = ""
+    wandb_name: str = ""
+    wandb_group: str = ""
+
+    def validate(self, prefix: str = "log") -> None:
+        _choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
+        if self.wandb != "off" and not self.wandb_project.strip():
+            raise ConfigError(f"{prefix}.wandb_project must not be empty when "
+                              f"{prefix}.wandb={self.wandb}")
+        bad = sorted(set(self.wandb_project) & set("/\\#?%:"))
+        if bad or len(self.wandb_project) > 128:  # what W&B refuses in a project name
+            raise ConfigError(f"{prefix}.wandb_project={self.wandb_project!r}: at most 128 "
+                              "characters, none of / \\ # ? % :")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     name: str = "experiment"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -351,6 +394,7 @@ class ExperimentConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> ExperimentConfig:
         if not self.name:
@@ -362,6 +406,7 @@ class ExperimentConfig:
         self.mesh.validate()
         self.zero.validate()
         self.distributed.validate()
+        self.log.validate()
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} must be <= "
@@ -492,6 +537,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if key not in names:
             raise ConfigError(f"unknown key {full!r}; allowed keys here: {names}")
         tp = hints[key]
+        if cls is LogConfig and key == "wandb" and value is False:
+            value = "off"  # YAML reads a bare `wandb: off` as false
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, full)
         else:

@@ -1,6 +1,7 @@
 """Data pipeline: corpus -> token cache -> deterministic global batches.
 
-A corpus (``data.source``) is read as a list of documents, tokenized once and joined
+A corpus (``data.source``; the ``hf-*`` kinds are read by :mod:`lmspec.data_hf`
+through Hugging Face ``datasets``) is read as a list of documents, tokenized once and joined
 with the tokenizer's eos id into one token stream, cached on disk as a memmap
 (``tokens.bin``, uint16 when the vocabulary fits, else uint32) plus ``manifest.json``,
 in a folder keyed by the content hash (source hash, tokenizer hash, ``max_bytes``).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import glob as _glob
 import hashlib
 import json
+import os
 import shutil
 import sys
 import sysconfig
@@ -36,6 +38,7 @@ import numpy as np
 
 from lmspec import integrity
 from lmspec.config import DataConfig, ExperimentConfig
+from lmspec.data_hf import HF_KINDS, read_hf
 from lmspec.errors import UserError, UserFileNotFoundError
 from lmspec.io import atomic_write, atomic_write_json, file_lock
 from lmspec.tokenizer import (
@@ -52,7 +55,9 @@ MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 # corpora above this size get a progress bar while they are read and tokenized
 PROGRESS_BYTES = 4 << 20
-SOURCE_KINDS = ("stdlib", "text", "dir", "glob", "jsonl", "tokens")
+SOURCE_KINDS = ("stdlib", "text", "dir", "glob", "jsonl", "tokens", *HF_KINDS)
+# the kinds whose records have fields (data.text_field) and the kinds with splits
+RECORD_KINDS = ("jsonl", *HF_KINDS)
 
 __all__ = ["Dataset", "fingerprint", "row_digests", "combine_row_digests",
            "batch_fingerprint", "fingerprint_parts", "build_token_cache", "read_corpus", "Corpus"]
@@ -154,8 +159,9 @@ class Corpus:
 
 
 def source_kind(source: str) -> tuple[str, str]:
-    """(kind, location) of ``data.source``; a ``kind:`` prefix forces the kind."""
-    for kind in ("text", "glob", "jsonl", "tokens"):
+    """(kind, location) of ``data.source``; a ``kind:`` prefix forces the kind (the
+    ``hf-*`` kinds are chosen by their prefix only)."""
+    for kind in ("text", "glob", "jsonl", "tokens", *HF_KINDS):
         if source.startswith(kind + ":"):
             return kind, source[len(kind) + 1:]
     if source == "stdlib":
@@ -166,7 +172,8 @@ def source_kind(source: str) -> tuple[str, str]:
     if not p.exists():
         raise UserFileNotFoundError(
             f"data.source={source!r}: no such file or directory (allowed: 'stdlib', a text "
-            "file, a directory, a glob, a .jsonl file, or a token manifest.json/.bin)"
+            "file, a directory, a glob, a .jsonl file, a token manifest.json/.bin, or "
+            "hf-disk:, hf-parquet:, hf-json:, hf-text: with a path)"
         )
     if p.is_dir():
         return "dir", source
@@ -178,11 +185,15 @@ def source_kind(source: str) -> tuple[str, str]:
 
 
 def _stdlib_files(root: Path) -> list[Path]:
+    """The ``.py`` files under ``root`` outside installed packages and caches, sorted by
+    relative path. ``os.walk`` prunes the excluded folders instead of listing them and
+    filtering (the interpreter's site-packages alone can hold 10x the stdlib's files);
+    like ``Path.rglob``, it does not descend into symlinked folders."""
     excluded = {"site-packages", "dist-packages", "__pycache__"}
-    files = [
-        p for p in root.rglob("*.py")
-        if p.is_file() and not excluded.intersection(p.relative_to(root).parts)
-    ]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in excluded]
+        files += [p for n in names if n.endswith(".py") and (p := Path(folder, n)).is_file()]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -218,7 +229,7 @@ def _read_files(files: list[Path], progress: bool, max_bytes: int = 0
     return docs, skipped
 
 
-def _read_jsonl(path: Path, source: str) -> list[bytes]:
+def _read_jsonl(path: Path, source: str, field: str = "text") -> list[bytes]:
     docs = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -230,17 +241,18 @@ def _read_jsonl(path: Path, source: str) -> list[bytes]:
                 raise UserError(
                     f"data.source={source!r}: {path}:{lineno}: not valid JSON ({e.msg})"
                 ) from None
-            if not isinstance(rec, dict) or "text" not in rec:
+            if not isinstance(rec, dict) or field not in rec:
                 raise UserError(
-                    f"data.source={source!r}: {path}:{lineno}: record has no 'text' field"
+                    f"data.source={source!r}: {path}:{lineno}: record has no {field!r} field"
+                    + (" (data.text_field names the field to read)" if field == "text" else "")
                 )
-            if not isinstance(rec["text"], str):
+            if not isinstance(rec[field], str):
                 raise UserError(
-                    f"data.source={source!r}: {path}:{lineno}: 'text' must be a string, got "
-                    f"{type(rec['text']).__name__}"
+                    f"data.source={source!r}: {path}:{lineno}: {field!r} must be a string, "
+                    f"got {type(rec[field]).__name__}"
                 )
-            if rec["text"]:
-                docs.append(rec["text"].encode("utf-8"))
+            if rec[field]:
+                docs.append(rec[field].encode("utf-8"))
     return docs
 
 
@@ -276,10 +288,26 @@ def _hash_documents(docs: list[bytes]) -> str:
     return h.hexdigest()
 
 
+def _check_record_keys(data: DataConfig, kind: str) -> None:
+    """``data.text_field`` and ``data.split`` set away from their defaults only for the
+    kinds that use them."""
+    default = DataConfig()
+    where = {"text_field": RECORD_KINDS, "split": tuple(HF_KINDS)}
+    for key, kinds in where.items():
+        value = getattr(data, key)
+        if value != getattr(default, key) and kind not in kinds:
+            raise UserError(
+                f"data.{key}={value!r} applies only to data.source kinds {list(kinds)}, not to "
+                f"data.source={data.source!r} ({kind}); leave it at "
+                f"{getattr(default, key)!r}"
+            )
+
+
 def read_corpus(data: DataConfig, progress: bool | None = None) -> Corpus:
     """Read the documents of a text source (every kind but ``tokens``)."""
     kind, loc = source_kind(data.source)
     src = data.source
+    _check_record_keys(data, kind)
     skipped = 0
     if kind == "stdlib":
         files = _stdlib_files(Path(loc))
@@ -308,7 +336,9 @@ def read_corpus(data: DataConfig, progress: bool | None = None) -> Corpus:
         p = Path(loc)
         if not p.is_file():
             raise UserFileNotFoundError(f"data.source={src!r}: no such file {p}")
-        docs = _read_jsonl(p, src)
+        docs = _read_jsonl(p, src, data.text_field)
+    elif kind in HF_KINDS:
+        docs = read_hf(kind, loc, data, bool(progress))
     else:
         raise UserError(f"data.source={src!r}: a token file has no text to read")
     docs = _truncate(docs, data.max_bytes)
@@ -538,8 +568,9 @@ def open_token_file(data: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
     Its tokenizer is the one its manifest names (``data.tokenizer`` is not used):
     ``byte``, the ``tokenizer.json`` beside the manifest, or else ids only.
     """
-    _, loc = source_kind(data.source)
+    kind, loc = source_kind(data.source)
     src = data.source
+    _check_record_keys(data, kind)
     if data.max_bytes:
         raise UserError(
             f"data.max_bytes={data.max_bytes}: applies to text sources only, not to the token "

@@ -66,14 +66,16 @@ class TensorBoardLog:
 
 
 class MetricsWriter:
-    """Appends records to ``metrics.jsonl``; each line is flushed and fsynced.
+    """Appends records to ``metrics.jsonl``; each line is flushed and fsynced, then
+    written as TensorBoard scalars (``<run>/tb``) and, given the run's ``config`` with
+    ``log.wandb`` on, logged to Weights & Biases (:mod:`lmspec.wandb_log`).
 
     On resume, records of steps >= ``start_step`` are dropped first, so a run that
     crashed after writing a step it had not checkpointed does not repeat that step.
     """
 
     def __init__(self, path: str | os.PathLike, start_step: int = 0,
-                 tensorboard: bool = True) -> None:
+                 tensorboard: bool = True, config: Any = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
@@ -84,6 +86,16 @@ class MetricsWriter:
         self._f = open(self.path, "a", encoding="utf-8")
         # the same scalars as TensorBoard events in <run>/tb (both trainers: one helper)
         self.tb = TensorBoardLog(self.path.parent / "tb") if tensorboard else None
+        # config (the run's ExperimentConfig) with log.wandb on: every record to W&B too
+        self.wandb = None
+        if config is not None and config.log.wandb != "off":
+            from lmspec.wandb_log import WandbLog
+
+            try:
+                self.wandb = WandbLog(config)
+            except BaseException:
+                self.close()
+                raise
 
     def write(self, record: dict[str, Any]) -> None:
         missing = [k for k in REQUIRED_FIELDS if k not in record]
@@ -96,17 +108,22 @@ class MetricsWriter:
         os.fsync(self._f.fileno())
         if self.tb is not None:
             self.tb.write(clean)
+        if self.wandb is not None:  # after the line is on disk: W&B only mirrors it
+            self.wandb.write(record)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the file and the loggers (``failed``: the run ends on an error)."""
         self._f.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close(failed=failed)
 
     def __enter__(self) -> MetricsWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def _check_parts(parts: Any) -> None:

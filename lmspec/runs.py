@@ -212,20 +212,34 @@ def for_framework(cfg: ExperimentConfig, side: str) -> ExperimentConfig:
         cfg.train, out_dir=out.replace(FRAMEWORK_PLACEHOLDER, FRAMEWORK_NAMES[side])))
 
 
+def checkpoint_kinds(out_dir: str | os.PathLike) -> set[str]:
+    """Whose checkpoints ``out_dir/checkpoints`` holds: ``"torch"`` (DeepSpeed's
+    ``latest`` file or ``step<N>`` tag folders) and/or ``"jax"`` (Orbax step folders named
+    by a number); empty when there is none."""
+    ck = Path(out_dir) / "checkpoints"
+    if not ck.is_dir():
+        return set()
+    names = [p.name for p in ck.iterdir()]
+    kinds = set()
+    if "latest" in names or any(n.startswith("step") for n in names):
+        kinds.add("torch")
+    if any(n.isdigit() for n in names):
+        kinds.add("jax")
+    return kinds
+
+
 def check_run_owner(out_dir: str | os.PathLike, side: str) -> None:
     """A UserError when ``out_dir`` holds the other trainer's run (its checkpoints or its
     run summary): resuming, or starting over, there would mix or replace its files."""
     import json
 
     out = Path(out_dir)
-    ck = out / "checkpoints"
     other = None
-    if ck.is_dir():
-        names = [p.name for p in ck.iterdir()]
-        if side == "jax" and ("latest" in names or any(n.startswith("step") for n in names)):
-            other = "DeepSpeed (torchlm) checkpoints"
-        if side == "torch" and any(n.isdigit() for n in names):
-            other = "Orbax (jaxlm) checkpoints"
+    kinds = checkpoint_kinds(out)
+    if side == "jax" and "torch" in kinds:
+        other = "DeepSpeed (torchlm) checkpoints"
+    if side == "torch" and "jax" in kinds:
+        other = "Orbax (jaxlm) checkpoints"
     summary = out / "run_summary.json"
     if other is None and summary.is_file():
         try:

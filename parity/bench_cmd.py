@@ -29,24 +29,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmspec.cli import add_config_args, config_from_args
+from lmspec.cli import add_config_args, config_from_args, zero_stages_arg
 from lmspec.config import ZERO_PROFILES, ExperimentConfig, save_config
 from lmspec.errors import UserError
 from lmspec.io import check_output_file, ensure_writable_dir
+from parity.profiles import without_wandb
 
 DEFAULT_STEPS = 20
 DEFAULT_DS_PROFILE = "bench"
 PROFILE_NOTES = {"bench": "fused AdamW, overlap_comm, fused flash attention",
                  "parity": "bitwise-strict: unfused AdamW, no overlap_comm, repeat_kv attention"}
-
-
-def _stages(text: str) -> tuple[int, ...]:
-    try:
-        stages = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected comma-separated ZeRO stages, e.g. 2,3") from None
-    return stages
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -63,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, metavar="N",
                    help=f"steps per run (default {DEFAULT_STEPS}; the first "
                    "train.warmup_steps_excluded are not timed)")
-    p.add_argument("--zero-stages", type=_stages, default=None, metavar="LIST",
+    p.add_argument("--zero-stages", type=zero_stages_arg, default=None, metavar="LIST",
                    help="DeepSpeed ZeRO stages, one run each, e.g. 2,3 (default: zero.stage)")
     p.add_argument("--ds-profile", choices=ZERO_PROFILES, default=DEFAULT_DS_PROFILE,
                    help="DeepSpeed settings: bench (fused AdamW, overlap_comm, flash "
@@ -134,6 +126,7 @@ def run_bench(cfg: ExperimentConfig, steps: int, out: Path, jax_devices: int | N
     init_path = save_safetensors(init_weights(cfg.model, cfg.train.seed),
                                  out / "init_weights.safetensors")
     config_path = out / "config.yaml"
+    cfg = without_wandb(cfg, P.log)
     save_config(cfg, config_path)
     result: dict[str, Any] = {
         "config": cfg.name, "steps": steps, "precision": cfg.train.precision,

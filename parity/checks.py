@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
@@ -37,19 +38,22 @@ from parity import compare as C
 from parity import judge as J
 from parity import limits as L
 from parity.launch import RunData, floor_stages, ok_run, run_label
-from parity.truth import Truth, clip_factor, exact_updates
+from parity.truth import Truth, adam_moments, clip_factor, exact_updates, exact_updates_at
 
 
 def _missing(tag: str, what_keys: Sequence[tuple[str, str]], why: str) -> list[C.Check]:
     return [C.nan_check(f"{tag}: {what}", key, why) for what, key in what_keys]
 
 
-def fingerprint_check(name: str, pairs: Sequence[tuple[RunData, RunData]]) -> C.Check:
+def fingerprint_check(name: str, pairs: Sequence[tuple[RunData, RunData]],
+                      start: int = 0) -> C.Check:
+    """Steps ``start, start+1, ...`` (as many as both runs of a pair have) whose batch
+    fingerprints differ."""
     bad: dict[str, list[int]] = {}
     total = 0
     for a, b in pairs:
         n = min(a.spec.steps, b.spec.steps)
-        mm = C.fingerprint_mismatches(a.metrics, b.metrics, n)
+        mm = C.fingerprint_mismatches(a.metrics, b.metrics, n, start=start)
         total += len(mm)
         if mm:
             bad[f"{a.spec.label} vs {b.spec.label}"] = mm[:10]
@@ -78,13 +82,37 @@ def per_param_table(judged: Mapping[str, J.Judged], test: Mapping[str, Any],
                 "cosine": C.cosine(test[k], ref[k])} for k, j in judged.items()}
 
 
+@dataclass(frozen=True)
+class MidState:
+    """The train state a continuation starts from (``parity continue``): ``init`` of the
+    update checks is its ``params``; the exact update is AdamW's step ``adam_step + 1``
+    from its moments at ``lr_at(schedule_step)``; the runs' first judged step is
+    ``step``."""
+
+    params: Mapping[str, np.ndarray]
+    exp_avg: Mapping[str, np.ndarray]
+    exp_avg_sq: Mapping[str, np.ndarray]
+    adam_step: int
+    schedule_step: int
+    step: int
+
+
 def update_judgements(jax: RunData, ds: RunData, init: Mapping[str, np.ndarray],
-                      truth: Truth, optim: OptimConfig) -> dict[str, J.Judged]:
-    """:func:`parity.judge.judge_update` for every tensor."""
-    u_jax = exact_updates(truth.grads, init, optim, "jax")
-    u_ds = exact_updates(truth.grads, init, optim, "torch")
+                      truth: Truth, optim: OptimConfig, mid: MidState | None = None
+                      ) -> dict[str, J.Judged]:
+    """:func:`parity.judge.judge_update` for every tensor: the first update, or with
+    ``mid`` the first continued one (``init`` is then ``mid.params``)."""
+    if mid is None:
+        u_jax = exact_updates(truth.grads, init, optim, "jax")
+        u_ds = exact_updates(truth.grads, init, optim, "torch")
+        lr = lr_at(0, optim)
+    else:
+        at = (mid.params, mid.exp_avg, mid.exp_avg_sq, mid.adam_step, mid.schedule_step,
+              optim)
+        u_jax = exact_updates_at(truth.grads, *at, "jax")
+        u_ds = exact_updates_at(truth.grads, *at, "torch")
+        lr = lr_at(mid.schedule_step, optim)
     clip = clip_factor(truth.grads, optim, "jax")
-    lr = lr_at(0, optim)
     out = {}
     for k in truth.grads:
         x = J.UpdateInputs(
@@ -93,7 +121,9 @@ def update_judgements(jax: RunData, ds: RunData, init: Mapping[str, np.ndarray],
             update_test=np.asarray(jax.params0[k], np.float64) - init[k],
             update_ref=np.asarray(ds.params0[k], np.float64) - init[k],
             update_ref_truth=u_ds[k], grad_ref=np.asarray(ds.grads0[k], np.float64),
-            lr=lr, eps=optim.eps, clip=clip)
+            lr=lr, eps=optim.eps, clip=clip,
+            moments=None if mid is None else adam_moments(
+                mid.exp_avg[k], mid.exp_avg_sq[k], mid.adam_step, optim))
         out[k] = J.judge_update(x, L.limit("fp32.update").threshold,
                                 L.limit("fp32.grad").threshold)
     return out
@@ -142,8 +172,13 @@ def _why_unjudged(jax: RunData | None, ds: RunData | None, precision: str, stage
 
 
 def fp32_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray], truth: Truth,
-                zero_stages: Sequence[int], optim: OptimConfig
+                zero_stages: Sequence[int], optim: OptimConfig, mid: MidState | None = None
                 ) -> tuple[list[C.Check], list[dict], list[dict]]:
+    """The fp32 checks per DeepSpeed stage; with ``mid`` those of a continuation: the
+    runs' metrics hold the continued steps only, their dumps are of step ``mid.step``,
+    ``truth`` is of that step and ``init`` is ``mid.params``."""
+    at = "" if mid is None else f" at step {mid.step}"
+    first = "first update" if mid is None else f"update at step {mid.step}"
     checks: list[C.Check] = []
     info: list[dict] = []
     pairs: list[dict] = []
@@ -158,11 +193,11 @@ def fp32_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray], tru
             continue
         gj = J.judge_tensors(jax.grads0, ds.grads0, truth.grads, L.limit("fp32.grad").threshold)
         p, w = J.worst(gj)
-        checks.append(C.judged_check(f"{tag}: grad vs float64 (worst tensor)", "fp32.grad", w,
+        checks.append(C.judged_check(f"{tag}: grad{at} vs float64 (worst tensor)", "fp32.grad", w,
                                      param=p, noise_from=f"ds zero{s} fp32 vs float64"))
-        uj = update_judgements(jax, ds, init, truth, optim)
+        uj = update_judgements(jax, ds, init, truth, optim, mid)
         p_u, w_u = J.worst(uj)
-        checks.append(C.judged_check(f"{tag}: first update vs float64 AdamW (worst tensor)",
+        checks.append(C.judged_check(f"{tag}: {first} vs float64 AdamW (worst tensor)",
                                      "fp32.update", w_u, param=p_u, stage=s,
                                      noise_from=f"ds zero{s} fp32 vs float64 AdamW"))
         lj, ld = jax.series("loss", n), ds.series("loss", n)
@@ -176,7 +211,8 @@ def fp32_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray], tru
                               "step0_jax_vs_float64": abs(float(lj[0]) - truth.loss),
                               "ulp": ulp})
         checks.append(C.judged_check(f"{tag}: loss curve vs noise ({n} steps)", "fp32.loss", jl))
-        checks.append(fingerprint_check(f"{tag}: batch fingerprint mismatches", [(jax, ds)]))
+        checks.append(fingerprint_check(f"{tag}: batch fingerprint mismatches", [(jax, ds)],
+                                        start=0 if mid is None else mid.step))
         gn_rel = C.rel_diff_series(jax.series("grad_norm", n), ds.series("grad_norm", n))
         info.append({"name": f"{tag}: grad_norm rel diff (worst of {n} steps)",
                      "value": max(gn_rel), "note": "metrics.jsonl, before clipping"})
@@ -193,8 +229,13 @@ def fp32_checks(runs: Mapping[str, RunData], init: Mapping[str, np.ndarray], tru
     return checks, info, pairs
 
 
-def bf16_checks(runs: Mapping[str, RunData], truth: Truth, zero_stages: Sequence[int]
-                ) -> tuple[list[C.Check], list[dict], list[dict]]:
+def bf16_checks(runs: Mapping[str, RunData], truth: Truth, zero_stages: Sequence[int],
+                mid_step: int | None = None) -> tuple[list[C.Check], list[dict], list[dict]]:
+    """The bf16 checks per DeepSpeed stage; with ``mid_step`` those of a continuation: the
+    runs' metrics hold the continued steps only, their dumps and ``truth`` are of step
+    ``mid_step``."""
+    first = "step 0" if mid_step is None else f"step {mid_step}"
+    at = "" if mid_step is None else f" at step {mid_step}"
     checks: list[C.Check] = []
     info: list[dict] = []
     pairs: list[dict] = []
@@ -206,7 +247,8 @@ def bf16_checks(runs: Mapping[str, RunData], truth: Truth, zero_stages: Sequence
         a, b = ds_runs[ok[0]], ds_runs[ok[-1]]
         d = math.sqrt(sum(float(np.sum((np.asarray(a.grads0[k], np.float64) - b.grads0[k]) ** 2))
                           for k in truth.grads))
-        info.append({"name": f"bf16 step-0 gradient, ds zero{ok[0]} vs zero{ok[-1]} "
+        which = "step-0" if mid_step is None else f"step {mid_step}"
+        info.append({"name": f"bf16 {which} gradient, ds zero{ok[0]} vs zero{ok[-1]} "
                              "(relative L2, all tensors)",
                      "value": d / C.global_norm(truth.grads),
                      "note": "same kernels, fp32 summation order only: not a bf16 floor"})
@@ -223,12 +265,12 @@ def bf16_checks(runs: Mapping[str, RunData], truth: Truth, zero_stages: Sequence
         j0 = J.judge_distance(abs(float(lj[0]) - truth.loss), e_ds,
                               L.limit("bf16.loss_step0").threshold, rounding,
                               token_mean_rounding=rounding)
-        checks.append(C.judged_check(f"{tag}: loss at step 0 vs float64", "bf16.loss_step0",
+        checks.append(C.judged_check(f"{tag}: loss at {first} vs float64", "bf16.loss_step0",
                                      j0, noise_from=f"ds zero{s} bf16 vs float64"))
         gj = J.judge_tensors(jax.grads0, ds.grads0, truth.grads,
                              L.limit("bf16.grad").threshold)
         p, w = J.worst(gj)
-        checks.append(C.judged_check(f"{tag}: grad vs float64 (worst tensor)", "bf16.grad", w,
+        checks.append(C.judged_check(f"{tag}: grad{at} vs float64 (worst tensor)", "bf16.grad", w,
                                      param=p, noise_from=f"ds zero{s} bf16 vs float64"))
         # two bf16 implementations with different kernels also differ, at every step, by
         # their own rounding of the loss (DeepSpeed's step-0 distance from float64, once
@@ -240,7 +282,8 @@ def bf16_checks(runs: Mapping[str, RunData], truth: Truth, zero_stages: Sequence
                               "step0_ds_vs_float64": e_ds})
         checks.append(C.judged_check(f"{tag}: loss curve vs DeepSpeed stage-to-stage "
                                      f"({n} steps)", "bf16.curve", jc))
-        checks.append(fingerprint_check(f"{tag}: batch fingerprint mismatches", [(jax, ds)]))
+        checks.append(fingerprint_check(f"{tag}: batch fingerprint mismatches", [(jax, ds)],
+                                        start=0 if mid_step is None else mid_step))
         pairs.append({"name": f"{tag}: jax vs deepspeed", "precision": "bf16",
                       "test": "jax bf16", "ref": run_label("torch", "bf16", s),
                       "floor_name": floor_name, "floor_abs_diff": floor_abs,

@@ -1,4 +1,5 @@
-"""``parity`` command line: ``parity run``, ``parity bench``, ``parity data``.
+"""``parity`` command line: ``parity run``, ``bench``, ``data``, ``sweep``, ``translate``,
+``convert``, ``continue``.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)`` (which sets
 ``func`` on its parser); this file only wires them together.
@@ -10,10 +11,10 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-from lmspec.cli import run
+from lmspec.cli import call_subcommand, run
 
 SUBCOMMANDS = ("parity.data_cmd", "parity.run_cmd", "parity.bench_cmd", "parity.sweep_cmd",
-               "parity.translate_cmd")
+               "parity.translate_cmd", "parity.convert_cmd", "parity.continue_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    return call_subcommand(build_parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -198,13 +198,13 @@ def gap_over_floor(gap: float, floor: float) -> float:
 
 def fingerprint_mismatches(test_records: Sequence[Mapping[str, Any]],
                            ref_records: Sequence[Mapping[str, Any]],
-                           steps: int) -> list[int]:
-    """Steps in ``[0, steps)`` whose ``batch_fingerprint`` differs, or is missing on
-    either side (a missing step counts as a mismatch)."""
+                           steps: int, start: int = 0) -> list[int]:
+    """Steps in ``[start, start + steps)`` whose ``batch_fingerprint`` differs, or is
+    missing on either side (a missing step counts as a mismatch)."""
     t = {int(r["step"]): r.get("batch_fingerprint") for r in test_records}
     r_ = {int(r["step"]): r.get("batch_fingerprint") for r in ref_records}
     bad = []
-    for s in range(steps):
+    for s in range(start, start + steps):
         a, b = t.get(s), r_.get(s)
         if a is None or b is None or a != b:
             bad.append(s)

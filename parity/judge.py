@@ -160,6 +160,47 @@ def adam_interval_halfwidth(g: Any, delta: Any, lr: float, eps: float, clip: flo
     return 0.5 * np.abs(step(g + d) - step(g - d))
 
 
+@dataclass(frozen=True)
+class AdamMoments:
+    """AdamW's state before a mid-training update (``parity continue``): float64 first and
+    second moments of one tensor, the updates applied so far (the bias-correction count)
+    and the betas."""
+
+    m: np.ndarray
+    v: np.ndarray
+    count: int
+    beta1: float
+    beta2: float
+
+
+def adam_step(g: Any, p: Any, lr: float, eps: float, wd: float, clip: float,
+              moments: AdamMoments) -> np.ndarray:
+    """Exact AdamW update (float64) after ``moments.count`` earlier ones: clipped gradient
+    ``cg = clip*g``, ``m = b1*m + (1-b1)*cg``, ``v = b2*v + (1-b2)*cg**2``, bias correction
+    with ``t = count + 1``, ``-lr*wd*p - lr*m_hat/(sqrt(v_hat) + eps)``. With zero moments
+    and count 0 this is :func:`adam_first_step`."""
+    cg = clip * _f64(g)
+    t = moments.count + 1
+    m = moments.beta1 * _f64(moments.m) + (1 - moments.beta1) * cg
+    v = moments.beta2 * _f64(moments.v) + (1 - moments.beta2) * cg * cg
+    m_hat, v_hat = m / (1 - moments.beta1 ** t), v / (1 - moments.beta2 ** t)
+    return -lr * wd * _f64(p) - lr * m_hat / (np.sqrt(v_hat) + eps)
+
+
+def adam_step_halfwidth(g: Any, delta: Any, lr: float, eps: float, clip: float,
+                        moments: AdamMoments) -> np.ndarray:
+    """Half the width between the mid-training updates of ``g - delta`` and ``g + delta``
+    (:func:`adam_step`, weight decay left out: it does not depend on ``g``). Unlike the
+    first step the update is not monotone in ``g`` everywhere (the moments carry a
+    history), so this is the interval's ends, not a bound over it: an approximation,
+    stated as such in docs/migrating.md; the elements it decides about are those whose
+    history is small next to the gradient, where the first-step reasoning holds."""
+    g, d = _f64(g), _f64(delta)
+    hi = adam_step(g + d, 0.0, lr, eps, 0.0, clip, moments)
+    lo = adam_step(g - d, 0.0, lr, eps, 0.0, clip, moments)
+    return 0.5 * np.abs(hi - lo)
+
+
 @dataclass
 class UpdateInputs:
     """What judging one tensor's first update needs (float64 arrays of one shape)."""
@@ -174,11 +215,15 @@ class UpdateInputs:
     lr: float
     eps: float
     clip: float
+    # AdamW's state before this update; None: the first update (zero moments, count 0)
+    moments: AdamMoments | None = None
 
 
 def judge_update(x: UpdateInputs, multiple: float = L.FP32_UPDATE_MULTIPLE,
                  grad_multiple: float = L.FP32_GRAD_MULTIPLE) -> Judged:
-    """Judge one tensor's first update (see the module docstring).
+    """Judge one tensor's first update (see the module docstring), or a mid-training one
+    when ``x.moments`` is given (the gradient allowance then from
+    :func:`adam_step_halfwidth`).
 
     - rounding allowance per element ``r = ULPS_P * ulp(p_after) + ULPS_U * ulp(u)``: the
       stored parameter's rounding and the Adam arithmetic's, which no fp32 side avoids;
@@ -193,7 +238,10 @@ def judge_update(x: UpdateInputs, multiple: float = L.FP32_UPDATE_MULTIPLE,
     r = L.UPDATE_ULPS_PARAM * ulp32(p_after) + L.UPDATE_ULPS_STEP * ulp32(x.update_truth)
     ref_grad_err = float(np.max(np.abs(x.grad_ref - x.grad_truth))) if x.grad_ref.size else 0.0
     delta = grad_multiple * ref_grad_err + ulp32(x.grad_truth)
-    w = adam_interval_halfwidth(x.grad_truth, delta, x.lr, x.eps, x.clip)
+    if x.moments is None:
+        w = adam_interval_halfwidth(x.grad_truth, delta, x.lr, x.eps, x.clip)
+    else:
+        w = adam_step_halfwidth(x.grad_truth, delta, x.lr, x.eps, x.clip, x.moments)
     ill = w > r
     scale = _l2(x.update_truth)
     d_test = x.update_test - x.update_truth

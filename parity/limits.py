@@ -147,6 +147,9 @@ LIMITS: dict[str, Limit] = {
         # both
         Limit("batch_fingerprint_mismatches", 0, "<=",
               "steps whose global-batch fingerprint differs between the two sides"),
+        Limit("lr_mismatches", 0, "<=",
+              "continued steps (parity continue) whose logged learning rate is not "
+              "lr_at(step) within one fp32 ulp: the schedule position was not carried"),
     )
 }
 

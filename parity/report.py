@@ -412,6 +412,9 @@ def _make_plots(result: Mapping[str, Any], plt: Any) -> dict[str, str]:
         handles = [Patch(color="tab:blue", label="JAX"),
                    Patch(color="tab:orange", label="DeepSpeed")]
         for ax in (a1, a2):
+            # room right of the longest bar, so the legend covers no bar
+            right = max((p.get_width() for p in ax.patches), default=0.0)
+            ax.set_xlim(0, 1.4 * right if right > 0 else 1.0)
             ax.legend(handles=handles, loc="lower right")
         fig.tight_layout()
         plots["throughput"] = _png(fig)
@@ -425,14 +428,35 @@ def _short(name: str) -> str:
 # ----------------------------------------------------------------------------- html
 
 
-def _table_html(header: list[str], rows: list[list[str]], classes: list[str] | None = None
-                ) -> str:
+def _table_html(header: list[str], rows: list[list[str]], classes: list[str] | None = None,
+                kind: str | None = None) -> str:
+    """A table; ``classes``: one class per row (pass/fail), ``kind``: the table's class
+    (``checks``, ``kv``: the layout rules of :data:`_CSS`)."""
     h = "".join(f"<th>{html.escape(x)}</th>" for x in header)
     body = []
     for i, r in enumerate(rows):
         cls = f' class="{classes[i]}"' if classes and classes[i] else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>")
-    return f"<table><thead><tr>{h}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    table = f"<table class='{kind}'>" if kind else "<table>"
+    return f"{table}<thead><tr>{h}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+# Page layout (looked at in headless Chromium at 1280 px, tests/test_report_browser.py):
+# text >= 13 px; numbers never break inside ("<= 2.829e-" / "06"), nor do the names of a
+# key/value table; the checks' detail column wraps anywhere, so no table is wider than
+# the page
+_CSS = (
+    "body{font-family:sans-serif;margin:2em;max-width:1200px}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
+    "tr.fail{background:#fdd}tr.pass{background:#efe}"
+    "table.checks td:first-child{min-width:16em}"
+    "table.checks td:nth-child(n+2):nth-child(-n+6){white-space:nowrap}"
+    "table.checks td:nth-child(7){overflow-wrap:anywhere}"
+    "table.kv td:first-child{white-space:nowrap}"
+    ".verdict{font-size:1.4em;font-weight:bold}"
+    ".PASS{color:#080}.FAIL{color:#c00}img{max-width:100%}"
+)
 
 
 def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = None,
@@ -448,12 +472,7 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>parity report: {html.escape(str(name))}</title><style>",
-        "body{font-family:sans-serif;margin:2em;max-width:1200px}"
-        "table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
-        "tr.fail{background:#fdd}tr.pass{background:#efe}"
-        ".verdict{font-size:1.4em;font-weight:bold}"
-        ".PASS{color:#080}.FAIL{color:#c00}img{max-width:100%}",
+        _CSS,
         "</style></head><body>",
         (f"<p class='diagnosis'><b>Diagnosis: {html.escape(str(head_line))}</b></p>"
          if head_line else ""),
@@ -475,7 +494,7 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
           _margin_text(c), "pass" if c["passed"] else "FAIL",
           ", ".join(f"{k}={_detail(v)}" for k, v in (c.get("detail") or {}).items())]
          for c in checks],
-        ["pass" if c["passed"] else "fail" for c in checks],
+        ["pass" if c["passed"] else "fail" for c in checks], kind="checks",
     ))
     info = result.get("info") or []
     if info:
@@ -529,7 +548,8 @@ def render_html(result: Mapping[str, Any], plots: Mapping[str, str] | None = Non
         d = result.get(key) or {}
         if d:
             parts.append(f"<h2>{title}</h2>")
-            parts.append(_table_html(head, [[str(k), str(v)] for k, v in d.items()]))
+            parts.append(_table_html(head, [[str(k), str(v)] for k, v in d.items()],
+                                     kind="kv"))
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -57,7 +57,7 @@ from parity.launch import (
     trainer_args,
 )
 from parity.limits import BF16_STEPS, FP32_LOSS_STEPS
-from parity.profiles import force_parity_profile
+from parity.profiles import force_parity_profile, without_wandb
 from parity.truth import Truth, compute_truth, float64_gradient
 
 __all__ = [
@@ -286,7 +286,7 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
     from lmspec.data import Dataset
 
     validate_options(opts, cfg)
-    cfg = force_parity_profile(cfg, log)
+    cfg = without_wandb(force_parity_profile(cfg, log), log)
     out = ensure_writable_dir(Path(opts.out).resolve(), "--out")
     t_start = time.perf_counter()
     errors: list[str] = []

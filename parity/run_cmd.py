@@ -8,20 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmspec.cli import add_config_args, config_from_args
+from lmspec.cli import add_config_args, config_from_args, names_arg, zero_stages_arg
 from parity.limits import BF16_STEPS, FP32_LOSS_STEPS
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected comma-separated ZeRO stages, e.g. 1,2,3") from None
-
-
-def _str_list(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -37,9 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_config_args(p)
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="output folder (runs, weights, reports)")
-    p.add_argument("--zero-stages", type=_int_list, default=(1, 2, 3), metavar="LIST",
+    p.add_argument("--zero-stages", type=zero_stages_arg, default=(1, 2, 3), metavar="LIST",
                    help="DeepSpeed ZeRO stages to compare against (default 1,2,3)")
-    p.add_argument("--precisions", type=_str_list, default=("fp32", "bf16"), metavar="LIST",
+    p.add_argument("--precisions", type=names_arg, default=("fp32", "bf16"), metavar="LIST",
                    help="precisions to run (default fp32,bf16)")
     p.add_argument("--steps-fp32", type=int, default=FP32_LOSS_STEPS, metavar="N",
                    help=f"fp32 training steps (default {FP32_LOSS_STEPS}: the fp32 loss "

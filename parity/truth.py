@@ -89,3 +89,35 @@ def clip_factor(grads: Mapping[str, np.ndarray], optim: OptimConfig, side: str) 
     from parity import compare as C
 
     return C.clip_coef(grads, optim.grad_clip, CLIP_EPS[side])
+
+
+def exact_updates_at(grads: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
+                     exp_avg: Mapping[str, np.ndarray], exp_avg_sq: Mapping[str, np.ndarray],
+                     adam_step: int, schedule_step: int, optim: OptimConfig, side: str
+                     ) -> dict[str, np.ndarray]:
+    """Exact (float64) AdamW update of every parameter in the middle of training
+    (``parity continue``): from the state's moments, its Adam step count (bias
+    correction ``t = adam_step + 1``) and ``lr_at(schedule_step)``, with the weight-decay
+    mask and the clipping convention of ``side``. :func:`exact_updates` is the
+    ``adam_step = schedule_step = 0``, zero-moment case."""
+    from lmspec.schedule import lr_at
+    from lmspec.weights import decays
+    from parity import judge as J
+
+    clip = clip_factor(grads, optim, side)
+    lr = lr_at(schedule_step, optim)
+    out = {}
+    for k, g in grads.items():
+        p = np.asarray(params[k], np.float64)
+        wd = optim.weight_decay if decays(k, p.shape, optim.wd_mask) else 0.0
+        out[k] = J.adam_step(g, p, lr, optim.eps, wd, clip,
+                             adam_moments(exp_avg[k], exp_avg_sq[k], adam_step, optim))
+    return out
+
+
+def adam_moments(m: np.ndarray, v: np.ndarray, adam_step: int, optim: OptimConfig):
+    """The :class:`parity.judge.AdamMoments` of one tensor of a train state."""
+    from parity import judge as J
+
+    return J.AdamMoments(m=np.asarray(m, np.float64), v=np.asarray(v, np.float64),
+                         count=int(adam_step), beta1=optim.beta1, beta2=optim.beta2)

@@ -4,6 +4,10 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# the tests also cover the optional extras (hf: Hugging Face datasets sources; wandb:
+# the W&B logger), installed once and recorded in .venv/.setup-done; `bash
+# scripts/run.sh` installs none of them. JAXLM_EXTRAS= (empty) leaves them out.
+export JAXLM_EXTRAS="${JAXLM_EXTRAS-hf,wandb}"
 . scripts/setup.sh
 args=("$@")
 if [ ${#args[@]} -eq 0 ]; then

@@ -68,3 +68,12 @@ def test_plain_parser_and_order_kept():
     p.add_argument("--flag", action="store_true")
     args = p.parse_args(["c.yaml", "a=1", "--flag", "b.c=2", "a=3"])
     assert args.overrides == ["a=1", "b.c=2", "a=3"] and args.flag
+
+
+@pytest.mark.parametrize("command", [["run", "c.yaml", "--out", "D"], ["bench", "c.yaml"]])
+def test_zero_stage_lists(command, capsys):
+    assert _parity(command + ["--zero-stages", "3, 2,"]).zero_stages == (3, 2)
+    with pytest.raises(SystemExit) as e:
+        _parity(command + ["--zero-stages", "1,x"])
+    assert e.value.code == 2
+    assert "--zero-stages: '1,x': expected comma-separated ZeRO stages" in capsys.readouterr().err

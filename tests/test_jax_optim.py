@@ -109,3 +109,36 @@ def test_decay_mask_follows_hf_shapes() -> None:
         assert set(mask) == set(names)
         for path, hf in names.items():
             assert mask[path] == (not hf.endswith("norm.weight")), hf
+
+
+def test_logged_lr_is_the_one_the_update_used() -> None:
+    """The train step logs the LR at optax's schedule count, which a skipped non-finite
+    step or a converted state can part from the data step; here the data step is 3 and
+    the schedule's count 1: the logged LR must be table[1], and the update must be the
+    one table[1] gives."""
+    from flax import nnx
+
+    from jaxlm.model import Llama
+    from jaxlm.step import make_train_step, schedule_count
+
+    cfg = from_dict({"model": MODEL, "optim": {"lr": 0.01, "warmup_steps": 4,
+                                                "decay_steps": 8, "grad_clip": 0.0},
+                     "train": {"steps": 6}, "data": {"seq_len": 4}})
+    t = cfg.train
+    model = Llama(cfg.model, rngs=nnx.Rngs(params=0), scan_layers=t.scan_layers,
+                  remat="none", attention="xla")
+    graphdef, _ = nnx.split(model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx, table = make_optimizer(cfg, scan_layers=t.scan_layers)
+    opt = tx.init(params)
+    counted = tx.update(jax.tree.map(jnp_zeros, params), opt, params)[1]  # count 1
+    assert int(schedule_count(counted)) == 1
+    step = jax.jit(make_train_step(graphdef, tx, table, "fp32"))
+    windows = np.arange(2 * 5).reshape(1, 2, 5) % MODEL["vocab_size"]
+    _, metrics = step({"params": params, "opt": counted, "step": np.int32(3)}, windows)
+    assert table[1] != table[3]
+    assert float(metrics["lr"]) == float(table[1])
+
+
+def jnp_zeros(x):
+    return np.zeros(x.shape, x.dtype)

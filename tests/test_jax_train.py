@@ -119,7 +119,8 @@ def test_sharding_invariance_20_steps(tmp_path: Path, dataset) -> None:
 # ----------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+# bf16 is slow-marked (~40 s on 2 cores) to keep the default suite under 15 min in CI
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_resume_is_bitwise(tmp_path: Path, dataset, ref_run, precision: str) -> None:
     common = [*REF_COMMON[1:], f"train.precision={precision}", *_mesh(REF_MESH)]
     if precision == "fp32":
@@ -313,6 +314,7 @@ def _learning(tmp_path: Path, dataset, steps: int) -> tuple[float, float]:
     return first, best
 
 
+@pytest.mark.slow  # ~27 s on 2 cores; test_learning_200_steps is the longer one
 def test_learning_within_30_steps(tmp_path: Path, dataset) -> None:
     first, best = _learning(tmp_path, dataset, 30)
     assert best <= 0.7 * first
@@ -333,6 +335,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~27 s on 2 cores (two jax.distributed processes)
 @pytest.mark.multiprocess
 def test_two_processes_match_one(tmp_path: Path, dataset, ref_run) -> None:
     steps = REF_STEPS  # compared with the 1-process 8-device reference run

@@ -16,8 +16,9 @@ def test_limits_keys_and_ops():
         "fp32.logits": "<=", "fp32.grad": "<=", "fp32.update": "<=", "fp32.loss": "<=",
         "bf16.logits": "<=", "bf16.loss_step0": "<=", "bf16.grad": "<=", "bf16.is_bf16": ">=",
         "bf16.activations": "<=", "bf16.accum": "<=", "bf16.loss_fn": "<=",
-        "bf16.curve": "<=", "batch_fingerprint_mismatches": "<="}
+        "bf16.curve": "<=", "batch_fingerprint_mismatches": "<=", "lr_mismatches": "<="}
     assert LIMITS["batch_fingerprint_mismatches"].threshold == 0
+    assert LIMITS["lr_mismatches"].threshold == 0
     assert (FP32_LOSS_STEPS, BF16_STEPS) == (20, 50)
     with pytest.raises(ValueError, match="unknown limit"):
         limit("nope")

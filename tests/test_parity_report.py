@@ -168,6 +168,29 @@ def test_plots_are_readable(monkeypatch):
                for ln in diff_ax.get_lines())
 
 
+def test_throughput_legends_cover_no_bar(monkeypatch):
+    """The bar charts leave room right of the longest bar for their legends (seen in
+    headless Chromium: the legend sat on the JAX bar)."""
+    from matplotlib.patches import Rectangle
+
+    figs = []
+    real_png = R._png
+    monkeypatch.setattr(R, "_png", lambda fig: (figs.append(fig), real_png(fig))[1])
+    result = synthetic_result()
+    R.make_plots({"throughput": result["throughput"]})
+    (fig,) = figs
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()  # the figure is closed: a new canvas
+    fig.draw(renderer)
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        bars = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_width() > 0]
+        assert bars
+        for bar in bars:
+            assert not legend.overlaps(bar.get_window_extent(renderer)), ax.get_title()
+
+
 def test_report_links_next_steps_headers_and_modes(tmp_path):
     """Links to every run's train.log and metrics.jsonl (relative to the report), a
     'what to look at next' section only when it fails, no empty table header, and files

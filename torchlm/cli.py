@@ -21,7 +21,7 @@ from lmspec.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-    from torchlm.trainer import add_train_args
+    from lmspec.runs import add_train_args
 
     parser = argparse.ArgumentParser(
         prog="torchlm", description="PyTorch Llama trained under DeepSpeed ZeRO: train "
@@ -80,6 +80,9 @@ def _main(argv: Sequence[str] | None) -> int:
         check_weights_file(cfg, args.init_weights)
     ensure_writable_dir(cfg.train.out_dir, "train.out_dir")
     check_run_owner(cfg.train.out_dir, "torch")
+    from lmspec.wandb_log import require_wandb
+
+    require_wandb(cfg)  # rank 0 logs to W&B: a missing package stops here, not in a worker
     if not args.no_resume:
         _check_resumable(cfg)
     # build the token cache once, with a progress bar, before the workers start
@@ -127,7 +130,7 @@ def _check_resumable(cfg: ExperimentConfig) -> None:
     import yaml
 
     from lmspec.config import check_resumable
-    from torchlm.trainer import VERIFIED_ENV, latest_checkpoint, verify_checkpoint
+    from torchlm.runfolder import VERIFIED_ENV, latest_checkpoint, verify_checkpoint
 
     out = Path(cfg.train.out_dir)
     tag = latest_checkpoint(out)
@@ -145,7 +148,7 @@ def _export(args: argparse.Namespace) -> int:
     from lmspec.io import check_output_file
     from lmspec.weights import save_safetensors
     from torchlm.export import checkpoint_weights
-    from torchlm.trainer import latest_checkpoint
+    from torchlm.runfolder import latest_checkpoint
 
     tag = args.tag or latest_checkpoint(args.out_dir)
     if args.out and args.output:

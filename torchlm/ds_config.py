@@ -104,6 +104,9 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig,
     The base LR is 1.0 and the schedule (:func:`build_scheduler`) multiplies it by
     ``lr_at(step)``, so the LR each update uses is ``lr_at(step)`` bit for bit.
     """
+    from torchlm.lean import skip_muon_import
+
+    skip_muon_import()  # DeepSpeed asks whether this AdamW is Muon: no (torchlm.lean)
     o = cfg.optim
     kernel = optimizer_kernel(cfg, device_type)
     return torch.optim.AdamW(

@@ -22,7 +22,7 @@ import torch
 
 from lmspec.config import ExperimentConfig, load_config
 from lmspec.weights import check_names, decays, param_shapes
-from torchlm.trainer import CKPT_SUBDIR, latest_checkpoint, verify_checkpoint
+from torchlm.runfolder import CKPT_SUBDIR, latest_checkpoint, verify_checkpoint
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from lmspec.config import ExperimentConfig
 from lmspec.nonfinite import STOP_FILE, NonFiniteError
-from torchlm.trainer import LAUNCH_TIME_ENV
+from torchlm.runfolder import LAUNCH_TIME_ENV
 
 
 class WorkerError(RuntimeError):
@@ -59,28 +60,46 @@ def worker_pids(pid_dir: str | os.PathLike) -> list[int]:
     return pids
 
 
-def torchrun_command(num_procs: int, worker_args: Sequence[str], log_dir: str) -> list[str]:
-    """The torchrun command line that runs ``torchlm.worker`` on ``num_procs`` ranks;
-    torchrun keeps the workers' error files under ``log_dir``."""
+def torchrun_command(num_procs: int, worker_args: Sequence[str], log_dir: str,
+                     module: str = "torchlm.worker") -> list[str]:
+    """The torchrun command line that runs ``module`` (the training worker by default;
+    ``torchlm.state_worker`` for ``parity convert``) on ``num_procs`` ranks; torchrun
+    keeps the workers' error files under ``log_dir``."""
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", "--nnodes", "1", "--nproc_per_node", str(num_procs),
         "--monitor_interval", "0.2", "--log_dir", log_dir,
-        "-m", "torchlm.worker", *worker_args,
+        "-m", module, *worker_args,
     ]
+
+
+def gpu_expected() -> bool:
+    """Whether the workers will find a CUDA GPU, asked without importing torch (~1.5 CPU-s
+    of every launch): torch is not a CPU build, CUDA_VISIBLE_DEVICES does not hide every
+    device, and ``nvidia-smi -L`` lists one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        if "+cpu" in version("torch"):
+            return False
+    except PackageNotFoundError:  # pragma: no cover - torch is a dependency
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return False
+    try:
+        return subprocess.run([exe, "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _worker_env(cfg: ExperimentConfig) -> dict[str, str]:
     env = dict(os.environ)
     env[LAUNCH_TIME_ENV] = repr(time.time())
     env.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        has_gpu = False
-    if not has_gpu:
+    if not gpu_expected():
         env.setdefault("DS_ACCELERATOR", "cpu")
         threads = max(1, (os.cpu_count() or 1) // cfg.zero.world_size)
         env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -134,24 +153,29 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def launch(cfg: ExperimentConfig, worker_args: Sequence[str]) -> int:
-    """Run the workers to completion; raise :class:`WorkerError` if one failed,
+def launch(cfg: ExperimentConfig, worker_args: Sequence[str],
+           module: str = "torchlm.worker", *, die_with_parent: bool = True) -> int:
+    """Run ``zero.world_size`` workers of ``module`` (:func:`torchrun_command`) to
+    completion; raise :class:`WorkerError` if one failed,
     :class:`AgentDied` if torchrun itself was killed, or
     :class:`~lmspec.nonfinite.NonFiniteError` if they stopped on a non-finite step.
 
     Dead processes end the whole job: torchrun is SIGKILLed when this launcher dies
     (parent-death signal), and each worker watches this launcher and torchrun
-    (:func:`lmspec.watchdog.watch_parents`), so no process trains on alone."""
+    (:func:`lmspec.watchdog.watch_parents`), so no process trains on alone.
+    ``die_with_parent=False`` leaves the parent-death signal out: it is set by Python
+    code run between fork and exec, which can deadlock in a launcher that runs other
+    threads (JAX's, in ``parity convert``); the workers still end with the launcher."""
     from lmspec.watchdog import wait_gone
 
     with tempfile.TemporaryDirectory(prefix="torchlm-run-") as log_dir:
-        cmd = torchrun_command(cfg.zero.world_size, worker_args, log_dir)
+        cmd = torchrun_command(cfg.zero.world_size, worker_args, log_dir, module)
         env = _worker_env(cfg)
         env[LAUNCHER_PID_ENV] = str(os.getpid())
         env[PID_DIR_ENV] = log_dir
         proc = subprocess.Popen(cmd, env=env,
                                 preexec_fn=_die_with_parent if sys.platform == "linux"
-                                else None)
+                                and die_with_parent else None)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             rc = proc.wait()
@@ -197,17 +221,20 @@ def silent_deaths(log_dir: str | os.PathLike) -> str | None:
     or a native crash)"``), the usual root cause when the others report a closed
     connection; None when every worker that died left an error report."""
     errors = {_rank_of(p) for p in Path(log_dir).rglob("error.json")}
+    # ranks torchrun terminated (SIGTERM) after another failed: explained, not silent
+    ended = {int(r) for f in Path(log_dir).glob("rank-*.terminated")
+             if (r := f.stem.removeprefix("rank-")).isdigit()}
     dead = []
     for f in sorted(Path(log_dir).glob("rank-*.pid")):
         rank = f.stem.removeprefix("rank-")
-        if not rank.isdigit() or int(rank) in errors:
+        if not rank.isdigit() or int(rank) in errors or int(rank) in ended:
             continue
         try:
             pid = int(f.read_text().strip())
         except (OSError, ValueError):
             continue
         dead.append(f"rank {rank} (pid {pid})")
-    if not dead or not errors:  # no error anywhere: nothing to set them apart from
+    if not dead or not (errors or ended):  # nothing to set them apart from
         return None
     return (", ".join(dead) + " died"
             " without a Python error (killed by a signal or a native crash)")

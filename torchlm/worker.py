@@ -6,7 +6,10 @@ does the launching for you.
 """
 
 import os
+import signal
 import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -14,7 +17,7 @@ from lmspec.cli import run
 from torchlm.trainer import main
 
 
-def _watch_launchers() -> None:
+def watch_launchers() -> None:
     """Under torchrun: record this worker's pid for ``torchlm train`` and end the worker
     when torchrun or ``torchlm train`` dies (:mod:`lmspec.watchdog`)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
@@ -30,25 +33,49 @@ def _watch_launchers() -> None:
                 f.write(str(os.getpid()))
         except OSError:
             pass
+        _mark_termination(os.path.join(pid_dir, f"rank-{rank}.terminated"))
     launcher = os.environ.get(LAUNCHER_PID_ENV, "")
     watch_parents(f"torchlm worker rank {rank} (pid {os.getpid()})",
                   int(launcher) if launcher.isdigit() else None)
 
 
-@record
-def _entry() -> int:
-    # a bug propagates to @record, which writes it where torchrun's launcher finds it
-    _watch_launchers()
-    return run(main, raise_bugs=True)
+def _mark_termination(marker: str) -> None:
+    """On SIGTERM (torchrun ending the other workers once one has failed) write ``marker``,
+    then die of the signal as before: the launcher then tells a rank torchrun terminated
+    from one that died on its own (:func:`torchlm.launch.silent_deaths`)."""
+
+    def on_term(signum: int, frame: object) -> None:
+        try:
+            with open(marker, "w"):
+                pass
+        except OSError:
+            pass
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
-if __name__ == "__main__":
-    rc = _entry()
-    # Leave without interpreter teardown. On CPU a native background thread (gloo /
-    # DeepSpeed) still joinable at static destruction sometimes aborts a finished worker
-    # ("terminate called without an active exception", seen once in ~50 launches here),
-    # which would turn a complete run into a failure. Every output is written atomically
-    # and the process group is destroyed by now; only the streams need flushing.
+def serve(main: Callable[[Sequence[str] | None], int]) -> NoReturn:
+    """Run ``main`` as one torchrun rank and leave: the launcher watch, then ``main`` under
+    torchrun's ``@record`` (a bug propagates to it, which writes it where torchrun's
+    launcher finds it), then exit without interpreter teardown. On CPU a native background
+    thread (gloo / DeepSpeed) still joinable at static destruction sometimes aborts a
+    finished worker ("terminate called without an active exception", seen once in ~50
+    launches here), which would turn a complete run into a failure. Every output is
+    written atomically and the process group is destroyed by now; only the streams need
+    flushing."""
+
+    @record
+    def entry() -> int:
+        watch_launchers()
+        return run(main, raise_bugs=True)
+
+    rc = entry()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+if __name__ == "__main__":
+    serve(main)
