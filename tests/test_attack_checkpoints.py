@@ -245,7 +245,7 @@ def test_latest_checkpoint_and_nan_policy_validation(tmp_path) -> None:
     from lmspec.config import ConfigError, load_config
     from lmspec.errors import UserError
     from lmspec.nonfinite import Guard, NonFiniteError
-    from torchlm.trainer import latest_checkpoint
+    from torchlm.runfolder import latest_checkpoint
 
     assert latest_checkpoint(tmp_path) is None  # no checkpoints yet: a fresh start
     (tmp_path / "checkpoints" / "step00000003").mkdir(parents=True)
@@ -341,3 +341,52 @@ def test_torch_non_finite_stops(policy, extra, marked, tmp_path) -> None:
     assert sum(1 for r in records if r.get("update_skipped")) == marked
     if not marked:
         assert "its update was applied" in line, line
+
+
+class _DeepSpeedOrder:
+    """An engine whose ``save_checkpoint`` writes as DeepSpeed 0.19 does with two ranks:
+    rank 0's files, ``latest`` (unless ``save_latest=False``), then rank 1's partition;
+    ``probe`` runs at the moment rank 1 is still writing (where a kill tears it)."""
+
+    def __init__(self, probe: Callable[[], None]) -> None:
+        self.probe = probe
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict,
+                        save_latest: bool = True) -> bool:
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"rank 0" + tag.encode())
+        if save_latest:
+            (Path(save_dir) / "latest").write_text(tag)
+        self.probe()
+        (folder / "zero_pp_rank_1_optim_states.pt").write_bytes(b"rank 1" + tag.encode())
+        return True
+
+
+def test_a_kill_during_a_deepspeed_save_leaves_latest_naming_a_complete_checkpoint(
+        tmp_path, monkeypatch) -> None:
+    """The crash the random-kill test found in CI: ``latest`` named a checkpoint whose
+    rank-1 partition was half written. At the moment of the kill, ``latest`` must name a
+    checkpoint that verifies against its checksums."""
+    import torch.distributed as dist
+
+    from torchlm.runfolder import latest_checkpoint, save_engine_checkpoint, verify_checkpoint
+
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    seen: list[tuple[str | None, bool]] = []
+
+    def probe() -> None:  # what a resume after a kill right now would load
+        tag = latest_checkpoint(tmp_path)
+        seen.append((tag, tag is not None and verify_checkpoint(tmp_path, tag)))
+
+    engine = _DeepSpeedOrder(probe)
+    ckpt = tmp_path / "checkpoints"
+    for step in (1, 2, 2):  # the second save of step 2 writes over a complete folder
+        assert save_engine_checkpoint(engine, ckpt, step) == f"step{step:08d}"
+        assert latest_checkpoint(tmp_path) == f"step{step:08d}"
+        assert verify_checkpoint(tmp_path, f"step{step:08d}")
+    # during the first save there is nothing to resume, during the second step 1; writing
+    # over the folder ``latest`` names (a --no-resume run) starts over, never loads torn
+    assert seen == [(None, False), ("step00000001", True), (None, False)]
+    assert not [p for p in ckpt.iterdir() if p.name.endswith(".tmp")]

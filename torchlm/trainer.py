@@ -31,6 +31,7 @@ optimizer step; the only other wait is the device synchronize that starts the st
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -49,10 +50,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lmspec import flops, integrity
+from lmspec import flops
 from lmspec.config import ConfigError, ExperimentConfig, load_config, save_config
 from lmspec.data import Dataset, combine_row_digests, fingerprint_parts, row_digests
-from lmspec.errors import UserError
 from lmspec.io import atomic_write_json
 from lmspec.metrics import MetricsWriter
 from lmspec.nonfinite import EXIT_NON_FINITE, STOP_FILE, Guard, NonFiniteError
@@ -70,70 +70,17 @@ from lmspec.weights import save_safetensors as save_np_safetensors
 from torchlm.api import configure_torch
 from torchlm.ds_config import build_ds_config, build_optimizer, build_scheduler, model_attention
 from torchlm.model import Llama, token_loss
+from torchlm.runfolder import (
+    CKPT_SUBDIR,
+    FINAL_WEIGHTS,
+    LAUNCH_TIME_ENV,
+    VERIFIED_ENV,
+    checkpoint_tag,
+    latest_checkpoint,
+    save_engine_checkpoint,
+    verify_checkpoint,
+)
 from torchlm.weights import load_numpy
-
-CKPT_SUBDIR = "checkpoints"
-FINAL_WEIGHTS = "model.safetensors"
-LAUNCH_TIME_ENV = "TORCHLM_LAUNCH_TIME"
-# set by the launcher to the checkpoint folder it verified, so workers do not hash again
-VERIFIED_ENV = "TORCHLM_VERIFIED_CHECKPOINT"
-
-
-def checkpoint_tags(out_dir: str | os.PathLike) -> list[str]:
-    """Checkpoint folders (``step<NNNNNNNN>``) in ``out_dir``, oldest step first."""
-    ckpt = Path(out_dir) / CKPT_SUBDIR
-    return sorted(p.name for p in ckpt.glob("step*") if p.is_dir()) if ckpt.is_dir() else []
-
-
-def _tags_advice(tags: list[str], ckpt: Path) -> str:
-    if not tags:
-        return "pass --no-resume to start over (no checkpoint folder exists)"
-    return (f"write one of the checkpoint tags that exist ({', '.join(tags)}) into "
-            f"{ckpt / 'latest'} to resume from it, or pass --no-resume to start over")
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> str | None:
-    """Tag of the latest checkpoint in ``out_dir`` (DeepSpeed's ``latest``), or None when
-    there is no ``latest`` file. A ``latest`` that is empty (a torn write) or names a
-    folder that is not there is a :class:`UserError` listing the tags that exist: never
-    a silent start from step 0 over the run's records."""
-    ckpt = Path(out_dir) / CKPT_SUBDIR
-    latest = ckpt / "latest"
-    if not latest.is_file():
-        return None
-    try:
-        tag = latest.read_text().strip().strip("\x00")  # a torn write may leave NULs
-    except (OSError, UnicodeDecodeError):
-        tag = ""
-    tags = checkpoint_tags(out_dir)
-    if not tag:
-        raise UserError(f"{latest}: empty or unreadable (a torn write?); "
-                        + _tags_advice(tags, ckpt))
-    if "/" in tag or not (ckpt / tag).is_dir():
-        raise UserError(f"{latest}: names checkpoint {tag!r}, which is not in {ckpt}; "
-                        + _tags_advice(tags, ckpt))
-    return tag
-
-
-def verify_checkpoint(out_dir: str | os.PathLike, tag: str,
-                      say: Any = None) -> bool:
-    """Check checkpoint ``tag`` against its ``checksums.json`` (written by rank 0 after
-    every rank's files, :mod:`lmspec.integrity`); False when it has none (older version,
-    or a process stopped between DeepSpeed's save and the list), after a warning through
-    ``say``. A bad file is a :class:`UserError` naming it and the previous tag."""
-    ckpt = Path(out_dir) / CKPT_SUBDIR
-    older = [t for t in checkpoint_tags(out_dir) if t < tag]
-    if older:
-        todo = (f"write {older[-1]} (the previous checkpoint) into {ckpt / 'latest'} to "
-                "resume from it, or pass --no-resume to start over")
-    else:
-        todo = "pass --no-resume to start over (there is no earlier checkpoint)"
-    if integrity.verify_checksums(ckpt / tag, todo):
-        return True
-    if say is not None:
-        say(f"warning: {ckpt / tag} has no {integrity.CHECKSUMS} (written by an older "
-            "version, or the run stopped right after the save): resuming from it unverified")
-    return False
 
 
 def _device_name(device: torch.device) -> str:
@@ -176,6 +123,66 @@ def rank_rows(data: Dataset, step: int, micro_step: int, rank: int, world_size: 
     return data.global_batch_rows(step, start, start + micro)
 
 
+def worker_device(world: int) -> torch.device:
+    """This worker's device (its GPU by ``LOCAL_RANK``, else the CPU with the cores shared
+    among the local workers), with :func:`torchlm.api.configure_torch` numerics."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        configure_torch(num_threads=max(1, (os.cpu_count() or 1) // local_world))
+    configure_torch()
+    return device
+
+
+def build_engine(cfg: ExperimentConfig, model: Llama, device: torch.device, world: int
+                 ) -> tuple[Any, torch.optim.AdamW]:
+    """``deepspeed.initialize`` of ``model`` (weights already loaded) with the torch AdamW
+    and LambdaLR of :mod:`torchlm.ds_config` and the JSON of ``build_ds_config(cfg,
+    world)``; returns the engine and the torch AdamW it wraps (DeepSpeed points its param
+    groups at its fp32 masters)."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg, device.type)
+    scheduler = build_scheduler(optimizer, cfg)
+    # Everything so far (modules of torch, DeepSpeed, ...) lives as long as the process:
+    # frozen, the garbage collector stops scanning it. DeepSpeed's bf16 optimizer calls
+    # gc.collect() six times while it initialises (see_memory_usage), ~1.3 s on a 2-core
+    # CPU with the heap unfrozen; the collections during training get cheaper too.
+    # Nothing numeric changes.
+    gc.freeze()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
+        config=build_ds_config(cfg, world),
+    )
+    return engine, optimizer
+
+
+def init_process_group() -> None:
+    """Join the process group of this worker (gloo on CPU, NCCL on GPU; world size 1
+    without a launcher), with DeepSpeed's per-step noise silenced."""
+    _fill_single_process_env()
+    # DeepSpeed calls torch.distributed APIs that torch marks deprecated (noise per step)
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated",
+                            category=FutureWarning)
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU comm backend compiles its shared-memory all-reduce (a C++
+        # extension: ~35 s on 2 cores on every fresh install) when it starts, for
+        # inference_all_reduce only; training's collectives go through gloo. Marking the
+        # op incompatible skips the build (deepspeed.ops caches this dict so that edits
+        # to it persist).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               verbose=False)
+
+
 @dataclass
 class StepOutput:
     """What one optimizer step leaves behind, still on the device where it lives."""
@@ -192,8 +199,6 @@ class Trainer:
     """One worker's view of a DeepSpeed training run (construct inside the process group)."""
 
     def __init__(self, cfg: ExperimentConfig, args: argparse.Namespace) -> None:
-        import deepspeed
-
         self.cfg = cfg
         self.args = args
         self.targs = train_args(args, cfg)
@@ -207,15 +212,7 @@ class Trainer:
             )
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / CKPT_SUBDIR
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            self.device = torch.device("cuda", local_rank)
-        else:
-            self.device = torch.device("cpu")
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
-            configure_torch(num_threads=max(1, (os.cpu_count() or 1) // local_world))
-        configure_torch()
+        self.device = worker_device(self.world)
         torch.manual_seed(cfg.train.seed)
 
         self.data = Dataset.from_config(cfg, progress=False)
@@ -232,14 +229,8 @@ class Trainer:
         else:
             self.init_weights = init_weights(cfg.model, cfg.train.seed)
             load_numpy(model, self.init_weights, where="lmspec init")
-        optimizer = build_optimizer(model, cfg, self.device.type)
-        scheduler = build_scheduler(optimizer, cfg)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler,
-            config=build_ds_config(cfg, self.world),
-        )
         # the torch AdamW that DeepSpeed wraps: its param groups hold the LR it steps with
-        self.torch_optimizer = optimizer
+        self.engine, self.torch_optimizer = build_engine(cfg, model, self.device, self.world)
         self.device_name = _device_name(self.device)
         # ZeRO 0 in fp32 holds full, rank-averaged grads: the norm is computed here
         self.own_norm = cfg.zero.stage == 0 and cfg.train.precision == "fp32"
@@ -252,7 +243,7 @@ class Trainer:
         start = self.restore_or_init()
         self.guard = Guard(t.nan_policy)
         if start:
-            self.guard.last_checkpoint = str(self.ckpt_dir / f"step{start:08d}")
+            self.guard.last_checkpoint = str(self.ckpt_dir / checkpoint_tag(start))
         writer = self.open_metrics(start)
         bar = tqdm(total=t.steps, initial=start, disable=self.rank != 0 or not self.targs.progress,
                    desc="torchlm train",
@@ -279,7 +270,7 @@ class Trainer:
             if stop is not None:
                 bar.close()
                 if writer is not None:
-                    writer.close()
+                    writer.close(failed=True)
                 self.write_stop(stop)
                 raise stop
             final_loss = record["loss"]
@@ -306,8 +297,8 @@ class Trainer:
                                   say=lambda m: print(m, file=sys.stderr) if self.rank == 0
                                   else None)
             path, client = self.engine.load_checkpoint(
-                str(self.ckpt_dir), load_optimizer_states=True, load_lr_scheduler_states=True
-            )
+                str(self.ckpt_dir), tag=tag, load_optimizer_states=True,
+                load_lr_scheduler_states=True)
             if path is None:
                 raise RuntimeError(f"could not load the checkpoint in {self.ckpt_dir}")
             start = int(client["step"])
@@ -317,11 +308,12 @@ class Trainer:
         return start
 
     def open_metrics(self, start: int) -> MetricsWriter | None:
-        """Rank 0: save the config and open ``metrics.jsonl`` (records >= start dropped)."""
+        """Rank 0: save the config and open ``metrics.jsonl`` (records >= start dropped;
+        W&B too with ``log.wandb``)."""
         if self.rank != 0:
             return None
         save_config(self.cfg, self.out_dir / "config.yaml")
-        return MetricsWriter(self.out_dir / "metrics.jsonl", start_step=start)
+        return MetricsWriter(self.out_dir / "metrics.jsonl", start_step=start, config=self.cfg)
 
     def step_rows(self, step: int) -> tuple[torch.Tensor, np.ndarray]:
         """This rank's rows of every micro-step of ``step`` on the device, (G, b, T+1),
@@ -496,13 +488,11 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> None:
         """DeepSpeed checkpoint ``step<NNNNNNNN>`` (next step to run as client state),
-        then, once every rank's files are written, its ``checksums.json`` (rank 0);
-        keeps the newest ``train.ckpt_keep``."""
-        tag = f"step{step:08d}"
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": step})
-        dist.barrier()  # every rank's files are complete
+        its ``checksums.json`` and then ``latest`` (:func:`save_engine_checkpoint`: a
+        kill at any moment leaves a complete one named); keeps the newest
+        ``train.ckpt_keep``."""
+        tag = save_engine_checkpoint(self.engine, self.ckpt_dir, step)
         if self.rank == 0:
-            integrity.write_checksums(self.ckpt_dir / tag)
             # oldest first by write time (a --no-resume run may follow higher-step tags)
             dirs = sorted((p for p in self.ckpt_dir.glob("step*") if p.is_dir()),
                           key=lambda p: (p.stat().st_mtime_ns, p.name))
@@ -560,23 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cfg = for_framework(load_config(args.config, args.overrides), "torch")
-    _fill_single_process_env()
-    # DeepSpeed calls torch.distributed APIs that torch marks deprecated (noise per step)
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated",
-                            category=FutureWarning)
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    if not torch.cuda.is_available():
-        # DeepSpeed's CPU comm backend compiles its shared-memory all-reduce (a C++
-        # extension: ~35 s on 2 cores on every fresh install) when it starts, for
-        # inference_all_reduce only; training's collectives go through gloo. Marking the
-        # op incompatible skips the build (deepspeed.ops caches this dict so that edits
-        # to it persist).
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               verbose=False)
+    init_process_group()
     try:
         Trainer(cfg, args).run()
     except NonFiniteError:  # printed by rank 0 (Trainer.write_stop)
