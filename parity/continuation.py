@@ -60,6 +60,7 @@ from parity.launch import (
     run_trainer,
 )
 from parity.limits import BF16_STEPS, FP32_LOSS_STEPS
+from parity.run import runs_series
 
 
 @dataclass
@@ -359,18 +360,7 @@ def _result(cfg: Any, run_dir: Path, state: TrainState, opts: ContinueOptions,
     from parity.envinfo import hardware, versions
 
     S, N = state.next_step, opts.steps
-    series, throughput = {}, {}
-    for label, r in runs.items():
-        if r.error is not None:
-            continue
-        series[label] = {"side": r.spec.side, "precision": r.spec.precision,
-                         "zero_stage": r.spec.zero_stage, "step": r.series("step"),
-                         "loss": r.series("loss"), "grad_norm": r.series("grad_norm"),
-                         "lr": r.series("lr"),
-                         "batch_fingerprint": r.series("batch_fingerprint")}
-        s = dict(r.summary or {})
-        s.pop("versions", None)
-        throughput[label] = {"side": r.spec.side, "wall_s": r.seconds, **s}
+    series, throughput = runs_series(runs)
     return {
         "config": cfg.to_dict(),
         "config_source": str(run_dir / "config.yaml"),

@@ -357,25 +357,30 @@ def run_parity(cfg: ExperimentConfig, opts: ParityOptions,
     return result
 
 
+def runs_series(runs: dict[str, RunData]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The report's ``series`` (per-step records) and ``throughput`` (each run's summary
+    and wall time) of the runs that finished, keyed by run label."""
+    series, throughput = {}, {}
+    for label, r in runs.items():
+        if r.error is not None:
+            continue
+        series[label] = {"side": r.spec.side, "precision": r.spec.precision,
+                         "zero_stage": r.spec.zero_stage,
+                         **{k: r.series(k) for k in ("step", "loss", "grad_norm", "lr",
+                                                     "batch_fingerprint", "tokens_per_s")}}
+        s = dict(r.summary or {})
+        s.pop("versions", None)
+        throughput[label] = {"side": r.spec.side, "wall_s": r.seconds, **s}
+    return series, throughput
+
+
 def assemble_result(cfg: ExperimentConfig, opts: ParityOptions, config_source: str | None,
                     runs: dict[str, RunData], checks: list[C.Check], info: list[dict],
                     pairs: list[dict], fwd_stats: dict, diagnosis: dict, errors: list[str],
                     on_gpu: bool, jax_devices: int | None, init_path: Path,
                     t_start: float, jobs: int = 1) -> dict[str, Any]:
     """The result dict the reports are written from (schema in :mod:`parity.report`)."""
-    series = {}
-    throughput = {}
-    for label, r in runs.items():
-        if r.error is not None:
-            continue
-        series[label] = {"side": r.spec.side, "precision": r.spec.precision,
-                         "zero_stage": r.spec.zero_stage, "step": r.series("step"),
-                         "loss": r.series("loss"), "grad_norm": r.series("grad_norm"),
-                         "lr": r.series("lr"), "batch_fingerprint": r.series("batch_fingerprint"),
-                         "tokens_per_s": r.series("tokens_per_s")}
-        s = dict(r.summary or {})
-        s.pop("versions", None)
-        throughput[label] = {"side": r.spec.side, "wall_s": r.seconds, **s}
+    series, throughput = runs_series(runs)
     extra = [s for s in floor_stages(opts.zero_stages) if s not in opts.zero_stages]
     return {
         "config": cfg.to_dict(),
